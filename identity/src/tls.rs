@@ -1,0 +1,488 @@
+//! The one place Trustline builds TLS configurations.
+//!
+//! Every configuration here is TLS 1.3 only, speaks ALPN `h2`, and verifies the peer by the SPIFFE X.509-SVID
+//! rules against a trust bundle that can be swapped at runtime ([`TrustBundle::update`]) without rebuilding the
+//! config. Our own certificate comes from a [`RotatingCert`], which also swaps in place; until a certificate is
+//! set, handshakes fail closed.
+
+use std::fmt;
+use std::sync::{Arc, RwLock};
+
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::crypto::{CryptoProvider, WebPkiSupportedAlgorithms};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, TrustAnchor, UnixTime};
+use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
+use rustls::server::{ClientHello, ResolvesServerCert};
+use rustls::sign::CertifiedKey;
+use rustls::{CertificateError, DigitallySignedStruct, DistinguishedName, SignatureScheme};
+use x509_parser::prelude::{FromDer as _, GeneralName, X509Certificate};
+
+use crate::spiffe_id::{SpiffeId, TrustDomain};
+
+/// Why a TLS configuration or an SVID could not be used.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum TlsError {
+    /// rustls refused the configuration.
+    #[error("TLS configuration: {0}")]
+    Config(#[from] rustls::Error),
+    /// The private key could not be loaded.
+    #[error("private key: {0}")]
+    Key(String),
+    /// A bundle certificate is not a usable trust anchor.
+    #[error("trust bundle certificate #{index}: {reason}")]
+    Anchor {
+        /// Position in the bundle.
+        index: usize,
+        /// What is wrong.
+        reason: String,
+    },
+}
+
+/// An X.509-SVID broke a SPIFFE rule.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum SvidError {
+    /// Not parseable DER.
+    #[error("certificate is not valid DER: {0}")]
+    Malformed(String),
+    /// Zero or several URI SANs.
+    #[error("an X.509-SVID must have exactly one URI SAN, found {0}")]
+    UriSanCount(usize),
+    /// The URI SAN is not a SPIFFE ID.
+    #[error("URI SAN {uri:?} is not a valid SPIFFE ID: {reason}")]
+    BadSpiffeId {
+        /// The URI.
+        uri: String,
+        /// Why.
+        reason: String,
+    },
+    /// A leaf with `cA=true`.
+    #[error("leaf certificate has the CA flag set")]
+    LeafIsCa,
+    /// keyUsage missing, not critical, lacking digitalSignature, or with keyCertSign/cRLSign.
+    #[error("leaf key usage: {0}")]
+    KeyUsage(&'static str),
+    /// The SPIFFE ID is in another trust domain.
+    #[error("SPIFFE ID {id} is not in trust domain {trust_domain}")]
+    WrongTrustDomain {
+        /// The peer's ID.
+        id: String,
+        /// The expected trust domain.
+        trust_domain: String,
+    },
+}
+
+/// Checks the leaf rules of the X.509-SVID spec and returns the SPIFFE ID it carries.
+pub fn svid_leaf_id(der: &[u8]) -> Result<SpiffeId, SvidError> {
+    let (_, cert) = X509Certificate::from_der(der).map_err(|e| SvidError::Malformed(e.to_string()))?;
+    let uris: Vec<&str> = match cert.subject_alternative_name() {
+        Ok(Some(san)) => san
+            .value
+            .general_names
+            .iter()
+            .filter_map(|n| match n {
+                GeneralName::URI(u) => Some(*u),
+                _ => None,
+            })
+            .collect(),
+        Ok(None) => Vec::new(),
+        Err(e) => return Err(SvidError::Malformed(e.to_string())),
+    };
+    if uris.len() != 1 {
+        return Err(SvidError::UriSanCount(uris.len()));
+    }
+    let id = SpiffeId::new(uris[0]).map_err(|e| SvidError::BadSpiffeId {
+        uri: uris[0].to_owned(),
+        reason: e.to_string(),
+    })?;
+    if let Ok(Some(bc)) = cert.basic_constraints() {
+        if bc.value.ca {
+            return Err(SvidError::LeafIsCa);
+        }
+    }
+    match cert.key_usage() {
+        Ok(Some(ku)) => {
+            if !ku.critical {
+                return Err(SvidError::KeyUsage("extension must be critical"));
+            }
+            if !ku.value.digital_signature() {
+                return Err(SvidError::KeyUsage("digitalSignature missing"));
+            }
+            if ku.value.key_cert_sign() || ku.value.crl_sign() {
+                return Err(SvidError::KeyUsage("keyCertSign/cRLSign not allowed on a leaf"));
+            }
+        }
+        Ok(None) => return Err(SvidError::KeyUsage("extension missing")),
+        Err(e) => return Err(SvidError::Malformed(e.to_string())),
+    }
+    Ok(id)
+}
+
+/// The crypto provider every Trustline TLS endpoint uses (aws-lc-rs; prefers X25519MLKEM768 where offered).
+pub fn provider() -> Arc<CryptoProvider> {
+    Arc::new(rustls::crypto::aws_lc_rs::default_provider())
+}
+
+struct Anchors {
+    trust_domain: TrustDomain,
+    anchors: Vec<TrustAnchor<'static>>,
+}
+
+/// A trust bundle shared by verifiers; [`update`](Self::update) swaps it for every later handshake.
+#[derive(Clone)]
+pub struct TrustBundle {
+    inner: Arc<RwLock<Arc<Anchors>>>,
+}
+
+impl fmt::Debug for TrustBundle {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let snap = self.snapshot();
+        f.debug_struct("TrustBundle")
+            .field("trust_domain", &snap.trust_domain.as_str())
+            .field("anchors", &snap.anchors.len())
+            .finish()
+    }
+}
+
+fn anchors_from(certs: &[Vec<u8>]) -> Result<Vec<TrustAnchor<'static>>, TlsError> {
+    certs
+        .iter()
+        .enumerate()
+        .map(|(index, der)| {
+            webpki::anchor_from_trusted_cert(&CertificateDer::from(der.as_slice()))
+                .map(|a| a.to_owned())
+                .map_err(|e| TlsError::Anchor {
+                    index,
+                    reason: format!("{e:?}"),
+                })
+        })
+        .collect()
+}
+
+impl TrustBundle {
+    /// A bundle for `trust_domain` holding the given DER root certificates.
+    pub fn new(trust_domain: TrustDomain, roots: &[Vec<u8>]) -> Result<Self, TlsError> {
+        let anchors = anchors_from(roots)?;
+        Ok(Self {
+            inner: Arc::new(RwLock::new(Arc::new(Anchors {
+                trust_domain,
+                anchors,
+            }))),
+        })
+    }
+
+    /// Replaces the roots; later handshakes verify against the new set.
+    pub fn update(&self, roots: &[Vec<u8>]) -> Result<(), TlsError> {
+        let anchors = anchors_from(roots)?;
+        let td = self.snapshot().trust_domain.clone();
+        let mut guard = self.inner.write().unwrap_or_else(|p| p.into_inner());
+        *guard = Arc::new(Anchors {
+            trust_domain: td,
+            anchors,
+        });
+        Ok(())
+    }
+
+    fn snapshot(&self) -> Arc<Anchors> {
+        self.inner.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Verifies a presented chain (leaf first) against the bundle at `now` and returns the peer's SPIFFE ID.
+    pub fn verify_chain(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+        client: bool,
+    ) -> Result<SpiffeId, rustls::Error> {
+        let snap = self.snapshot();
+        let ee = webpki::EndEntityCert::try_from(end_entity).map_err(pki_error)?;
+        let algs = provider().signature_verification_algorithms;
+        let result = if client {
+            ee.verify_for_usage(
+                algs.all,
+                &snap.anchors,
+                intermediates,
+                now,
+                webpki::KeyUsage::client_auth(),
+                None,
+                None,
+            )
+        } else {
+            ee.verify_for_usage(
+                algs.all,
+                &snap.anchors,
+                intermediates,
+                now,
+                webpki::KeyUsage::server_auth(),
+                None,
+                None,
+            )
+        };
+        result.map_err(pki_error)?;
+        let id = svid_leaf_id(end_entity).map_err(|e| other_error(e.to_string()))?;
+        if !id.is_member_of(&snap.trust_domain) {
+            return Err(other_error(
+                SvidError::WrongTrustDomain {
+                    id: id.to_string(),
+                    trust_domain: snap.trust_domain.to_string(),
+                }
+                .to_string(),
+            ));
+        }
+        Ok(id)
+    }
+}
+
+#[derive(Debug)]
+struct Reason(String);
+impl fmt::Display for Reason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+impl std::error::Error for Reason {}
+
+fn other_error(reason: String) -> rustls::Error {
+    rustls::Error::InvalidCertificate(CertificateError::Other(rustls::OtherError(Arc::new(Reason(
+        reason,
+    )))))
+}
+
+fn pki_error(e: webpki::Error) -> rustls::Error {
+    use webpki::Error as E;
+    let ce = match e {
+        E::BadDer | E::BadDerTime => CertificateError::BadEncoding,
+        E::CertExpired { .. } => CertificateError::Expired,
+        E::CertNotValidYet { .. } => CertificateError::NotValidYet,
+        E::UnknownIssuer => CertificateError::UnknownIssuer,
+        E::InvalidSignatureForPublicKey => CertificateError::BadSignature,
+        other => return other_error(format!("{other:?}")),
+    };
+    rustls::Error::InvalidCertificate(ce)
+}
+
+/// Our own certificate and key, swapped in place on rotation. Empty until [`set`](Self::set): handshakes then
+/// fail closed.
+#[derive(Default)]
+pub struct RotatingCert {
+    current: RwLock<Option<Arc<CertifiedKey>>>,
+}
+
+impl fmt::Debug for RotatingCert {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RotatingCert")
+            .field("set", &self.get().is_some())
+            .finish()
+    }
+}
+
+impl RotatingCert {
+    /// Installs a new chain (leaf first) and its PKCS#8 private key for all later handshakes.
+    pub fn set(&self, chain: Vec<Vec<u8>>, pkcs8_key: &[u8]) -> Result<(), TlsError> {
+        let key = PrivateKeyDer::Pkcs8(pkcs8_key.to_vec().into());
+        let signing = provider()
+            .key_provider
+            .load_private_key(key)
+            .map_err(|e| TlsError::Key(e.to_string()))?;
+        let chain: Vec<CertificateDer<'static>> = chain.into_iter().map(CertificateDer::from).collect();
+        let ck = Arc::new(CertifiedKey::new(chain, signing));
+        *self.current.write().unwrap_or_else(|p| p.into_inner()) = Some(ck);
+        Ok(())
+    }
+
+    /// The current certificate, if any.
+    pub fn get(&self) -> Option<Arc<CertifiedKey>> {
+        self.current.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+}
+
+impl ResolvesServerCert for RotatingCert {
+    fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        self.get()
+    }
+}
+
+impl rustls::client::ResolvesClientCert for RotatingCert {
+    fn resolve(&self, _hints: &[&[u8]], _schemes: &[SignatureScheme]) -> Option<Arc<CertifiedKey>> {
+        self.get()
+    }
+
+    fn has_certs(&self) -> bool {
+        self.get().is_some()
+    }
+}
+
+/// Verifies TLS clients as X.509-SVIDs of the bundle's trust domain.
+#[derive(Debug)]
+pub struct SpiffeClientVerifier {
+    bundle: TrustBundle,
+    mandatory: bool,
+    algs: WebPkiSupportedAlgorithms,
+}
+
+impl SpiffeClientVerifier {
+    /// A verifier; with `mandatory == false` clients without a certificate are admitted as anonymous (the
+    /// application must then authorize per call, as the CA does for node attestation).
+    pub fn new(bundle: TrustBundle, mandatory: bool) -> Self {
+        Self {
+            bundle,
+            mandatory,
+            algs: provider().signature_verification_algorithms,
+        }
+    }
+}
+
+impl ClientCertVerifier for SpiffeClientVerifier {
+    fn client_auth_mandatory(&self) -> bool {
+        self.mandatory
+    }
+
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        &[]
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        self.bundle.verify_chain(end_entity, intermediates, now, true)?;
+        Ok(ClientCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        _message: &[u8],
+        _cert: &CertificateDer<'_>,
+        _dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        Err(rustls::Error::PeerIncompatible(
+            rustls::PeerIncompatible::Tls12NotOffered,
+        ))
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.algs)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.algs.supported_schemes()
+    }
+}
+
+/// Which server identities a client accepts.
+#[derive(Debug, Clone)]
+pub enum ExpectedPeer {
+    /// Exactly one of these SPIFFE IDs.
+    OneOf(Vec<SpiffeId>),
+    /// Any SPIFFE ID of the bundle's trust domain.
+    AnyInTrustDomain,
+}
+
+/// Verifies TLS servers as X.509-SVIDs with an expected SPIFFE ID (the DNS name is not used).
+#[derive(Debug)]
+pub struct SpiffeServerVerifier {
+    bundle: TrustBundle,
+    expected: ExpectedPeer,
+    algs: WebPkiSupportedAlgorithms,
+}
+
+impl SpiffeServerVerifier {
+    /// A verifier accepting `expected` servers that chain to `bundle`.
+    pub fn new(bundle: TrustBundle, expected: ExpectedPeer) -> Self {
+        Self {
+            bundle,
+            expected,
+            algs: provider().signature_verification_algorithms,
+        }
+    }
+}
+
+impl ServerCertVerifier for SpiffeServerVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        let id = self.bundle.verify_chain(end_entity, intermediates, now, false)?;
+        match &self.expected {
+            ExpectedPeer::AnyInTrustDomain => {}
+            ExpectedPeer::OneOf(ids) => {
+                if !ids.contains(&id) {
+                    let want: Vec<String> = ids.iter().map(ToString::to_string).collect();
+                    return Err(other_error(format!(
+                        "server presented SPIFFE ID {id}, expected {}",
+                        want.join(" or ")
+                    )));
+                }
+            }
+        }
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        _message: &[u8],
+        _cert: &CertificateDer<'_>,
+        _dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        Err(rustls::Error::PeerIncompatible(
+            rustls::PeerIncompatible::Tls12NotOffered,
+        ))
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.algs)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.algs.supported_schemes()
+    }
+}
+
+/// A TLS 1.3 server config presenting `cert` and verifying clients with `verifier`. ALPN `h2`.
+pub fn server_config(
+    cert: Arc<RotatingCert>,
+    verifier: Arc<SpiffeClientVerifier>,
+) -> Result<rustls::ServerConfig, TlsError> {
+    let mut cfg = rustls::ServerConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_client_cert_verifier(verifier)
+        .with_cert_resolver(cert);
+    cfg.alpn_protocols = vec![b"h2".to_vec()];
+    Ok(cfg)
+}
+
+/// A TLS 1.3 client config verifying the server with `verifier` and presenting `cert` if it holds one. ALPN `h2`.
+pub fn client_config(
+    verifier: Arc<SpiffeServerVerifier>,
+    cert: Option<Arc<RotatingCert>>,
+) -> Result<rustls::ClientConfig, TlsError> {
+    let builder = rustls::ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .dangerous()
+        .with_custom_certificate_verifier(verifier);
+    let mut cfg = match cert {
+        Some(c) => builder.with_client_cert_resolver(c),
+        None => builder.with_no_client_auth(),
+    };
+    cfg.alpn_protocols = vec![b"h2".to_vec()];
+    cfg.enable_sni = false;
+    Ok(cfg)
+}
