@@ -47,6 +47,9 @@ const DEFAULT_ARGON2: Argon2Params = Argon2Params {
     p: 1,
 };
 
+/// Derived sealing keys by (salt, m, t, p).
+type DerivedKeys = HashMap<([u8; 16], u32, u32, u32), Zeroizing<[u8; 32]>>;
+
 enum Secret {
     KeyFile(Zeroizing<[u8; 32]>),
     Passphrase {
@@ -54,7 +57,7 @@ enum Secret {
         params: Argon2Params,
         salt: [u8; 16],
         key: Zeroizing<[u8; 32]>,
-        cache: Mutex<HashMap<([u8; 16], u32, u32, u32), Zeroizing<[u8; 32]>>>,
+        cache: Mutex<DerivedKeys>,
     },
 }
 
@@ -294,7 +297,7 @@ impl SoftwareKeyStore {
         );
         let mut buf = Zeroizing::new(blob[kt_at + 1 + NONCE_LEN..].to_vec());
         let plain_len = aead
-            .open_in_place(Nonce::assume_unique_for_key(nonce), Aad::from(header), &mut *buf)
+            .open_in_place(Nonce::assume_unique_for_key(nonce), Aad::from(header), &mut buf)
             .map_err(|_| HsmError::Sealed("wrong passphrase or key file, or corrupted key blob"))?
             .len();
         buf.truncate(plain_len);
