@@ -1,0 +1,571 @@
+//! What the CA does, independent of the API it is asked through: validate registration entries, hand out
+//! join tokens, attest nodes, issue and record SVIDs. The agent API and the admin API are thin wrappers.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::sync::watch;
+use trustline_identity::selector::{Selector, SelectorError};
+use trustline_identity::spiffe_id::{
+    join_token_agent_id, parse_spiffe_id, parse_workload_id, IdError, SpiffeId, TrustDomain,
+};
+
+use crate::authority::{Authority, AuthorityError};
+use crate::jwt::{JwtError, MintedJwt};
+use crate::metrics::Metrics;
+use crate::store::{Entry, EntryFilter, IssuedRecord, JoinToken, KeyKind, NodeRecord, Store, StoreError};
+use crate::x509::{self, now_unix, IssuedSvid, ValidCsr, X509Error};
+
+/// Longest SVID lifetime an entry may ask for.
+pub const MAX_SVID_TTL: Duration = Duration::from_secs(30 * 86400);
+
+/// Why a CA operation was refused or failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum CaError {
+    /// A field has a bad value.
+    #[error("{field} {value:?}: {reason}")]
+    Invalid {
+        /// Field name.
+        field: &'static str,
+        /// Value given.
+        value: String,
+        /// Why.
+        reason: String,
+    },
+    /// A SPIFFE ID is malformed.
+    #[error(transparent)]
+    Id(#[from] IdError),
+    /// A selector is malformed.
+    #[error("--selector: {0}")]
+    Selector(#[from] SelectorError),
+    /// Store refusal or failure.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// CSR refusal or certificate failure.
+    #[error(transparent)]
+    X509(#[from] X509Error),
+    /// JWT refusal.
+    #[error(transparent)]
+    Jwt(#[from] JwtError),
+    /// Key failure.
+    #[error(transparent)]
+    Authority(#[from] AuthorityError),
+    /// The caller may not do this.
+    #[error("permission denied: {0}")]
+    PermissionDenied(String),
+    /// The caller is not authenticated.
+    #[error("unauthenticated: {0}")]
+    Unauthenticated(String),
+}
+
+impl CaError {
+    /// A short, stable label for metrics.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::Invalid { .. } | Self::Id(_) | Self::Selector(_) | Self::Jwt(_) => "invalid_argument",
+            Self::X509(_) => "csr_rejected",
+            Self::Store(StoreError::EntryNotFound(_)) | Self::Store(StoreError::KeyNotFound(_)) => {
+                "not_found"
+            }
+            Self::Store(StoreError::DuplicateEntry { .. }) => "already_exists",
+            Self::Store(StoreError::TokenNotFound) | Self::Store(StoreError::TokenExpired { .. }) => "token",
+            Self::Store(_) => "store",
+            Self::PermissionDenied(_) => "permission_denied",
+            Self::Unauthenticated(_) => "unauthenticated",
+            Self::Authority(_) => "internal",
+        }
+    }
+}
+
+impl From<CaError> for tonic::Status {
+    fn from(e: CaError) -> Self {
+        let msg = e.to_string();
+        match e {
+            CaError::Invalid { .. }
+            | CaError::Id(_)
+            | CaError::Selector(_)
+            | CaError::Jwt(_)
+            | CaError::X509(_) => tonic::Status::invalid_argument(msg),
+            CaError::Store(StoreError::EntryNotFound(_)) | CaError::Store(StoreError::KeyNotFound(_)) => {
+                tonic::Status::not_found(msg)
+            }
+            CaError::Store(StoreError::DuplicateEntry { .. }) => tonic::Status::already_exists(msg),
+            CaError::Store(StoreError::TokenNotFound) | CaError::Store(StoreError::TokenExpired { .. }) => {
+                tonic::Status::permission_denied(msg)
+            }
+            CaError::PermissionDenied(_) => tonic::Status::permission_denied(msg),
+            CaError::Unauthenticated(_) => tonic::Status::unauthenticated(msg),
+            CaError::Store(_) | CaError::Authority(_) => {
+                tracing::error!(error = %msg, "internal error");
+                tonic::Status::internal(msg)
+            }
+        }
+    }
+}
+
+fn invalid(field: &'static str, value: impl ToString, reason: impl Into<String>) -> CaError {
+    CaError::Invalid {
+        field,
+        value: value.to_string(),
+        reason: reason.into(),
+    }
+}
+
+/// Lifetimes the CA applies when a request or entry does not say.
+#[derive(Debug, Clone)]
+pub struct Defaults {
+    /// X.509-SVID lifetime.
+    pub x509_ttl: Duration,
+    /// JWT-SVID lifetime.
+    pub jwt_ttl: Duration,
+    /// Agent SVID lifetime.
+    pub agent_ttl: Duration,
+    /// Join token lifetime.
+    pub join_token_ttl: Duration,
+}
+
+/// A registration entry as a user asks for it (before validation).
+#[derive(Debug, Clone, Default)]
+pub struct EntryRequest {
+    /// SPIFFE ID to issue.
+    pub spiffe_id: String,
+    /// Parent (node) SPIFFE ID.
+    pub parent_id: String,
+    /// Selectors, `type:value`.
+    pub selectors: Vec<String>,
+    /// X.509-SVID TTL in seconds (0 = default).
+    pub x509_svid_ttl: i64,
+    /// JWT-SVID TTL in seconds (0 = default).
+    pub jwt_svid_ttl: i64,
+    /// DNS names.
+    pub dns_names: Vec<String>,
+    /// Admin flag.
+    pub admin: bool,
+}
+
+/// One X.509-SVID to issue.
+pub struct X509Request {
+    /// The CSR (DER).
+    pub csr: Vec<u8>,
+    /// The SPIFFE ID.
+    pub spiffe_id: SpiffeId,
+    /// DNS names granted.
+    pub dns_names: Vec<String>,
+    /// Lifetime.
+    pub ttl: Duration,
+}
+
+/// The CA.
+pub struct Ca {
+    /// Trust domain.
+    pub td: TrustDomain,
+    /// Store.
+    pub store: Arc<Store>,
+    /// Keys and bundle.
+    pub authority: Arc<Authority>,
+    /// Default lifetimes.
+    pub defaults: Defaults,
+    /// Metrics.
+    pub metrics: Arc<Metrics>,
+    entries_tx: watch::Sender<i64>,
+}
+
+fn random_hex(n: usize) -> Result<String, CaError> {
+    let mut b = vec![0u8; n];
+    aws_lc_rs::rand::fill(&mut b).map_err(|_| invalid("random", "", "no randomness available"))?;
+    Ok(b.iter().map(|x| format!("{x:02x}")).collect())
+}
+
+fn check_ttl(field: &'static str, secs: i64) -> Result<i64, CaError> {
+    if secs < 0 || secs > MAX_SVID_TTL.as_secs() as i64 {
+        return Err(invalid(
+            field,
+            secs,
+            format!(
+                "must be between 0 (default) and {} seconds",
+                MAX_SVID_TTL.as_secs()
+            ),
+        ));
+    }
+    Ok(secs)
+}
+
+impl Ca {
+    /// Builds the CA over an opened store and authority.
+    pub async fn new(
+        store: Arc<Store>,
+        authority: Arc<Authority>,
+        defaults: Defaults,
+        metrics: Arc<Metrics>,
+    ) -> Result<Arc<Self>, CaError> {
+        let rev = store.entries_revision().await?;
+        let (entries_tx, _) = watch::channel(rev);
+        Ok(Arc::new(Self {
+            td: authority.trust_domain().clone(),
+            store,
+            authority,
+            defaults,
+            metrics,
+            entries_tx,
+        }))
+    }
+
+    /// A receiver that sees every new entries revision.
+    pub fn subscribe_entries(&self) -> watch::Receiver<i64> {
+        self.entries_tx.subscribe()
+    }
+
+    /// Checks the store for entry changes made by other replicas.
+    pub async fn poll_entries_revision(&self) -> Result<(), CaError> {
+        let rev = self.store.entries_revision().await?;
+        self.entries_tx.send_if_modified(|cur| {
+            if *cur != rev {
+                *cur = rev;
+                true
+            } else {
+                false
+            }
+        });
+        Ok(())
+    }
+
+    fn validate_entry(&self, req: &EntryRequest, id: String, created_at: i64) -> Result<Entry, CaError> {
+        let spiffe_id = parse_workload_id("spiffe_id", &req.spiffe_id, &self.td)?;
+        let parent = parse_spiffe_id("parent_id", &req.parent_id)?;
+        trustline_identity::spiffe_id::check_member("parent_id", &req.parent_id, &parent, &self.td)?;
+        if req.selectors.is_empty() {
+            return Err(invalid(
+                "selector",
+                "",
+                "at least one selector is required (e.g. unix:uid:1000)",
+            ));
+        }
+        let mut selectors = req
+            .selectors
+            .iter()
+            .map(|s| s.parse::<Selector>())
+            .collect::<Result<Vec<_>, _>>()?;
+        selectors.sort();
+        selectors.dedup();
+        let x509_svid_ttl = check_ttl("x509_svid_ttl", req.x509_svid_ttl)?;
+        let jwt_svid_ttl = check_ttl("jwt_svid_ttl", req.jwt_svid_ttl)?;
+        for d in &req.dns_names {
+            x509::check_dns_name(d).map_err(|_| invalid("dns", d, "not a valid DNS name"))?;
+        }
+        Ok(Entry {
+            id,
+            spiffe_id: spiffe_id.to_string(),
+            parent_id: parent.to_string(),
+            selectors,
+            x509_svid_ttl,
+            jwt_svid_ttl,
+            dns_names: req.dns_names.clone(),
+            admin: req.admin,
+            revision: 0,
+            created_at,
+        })
+    }
+
+    fn entries_changed(&self, rev: i64) {
+        self.entries_tx.send_if_modified(|cur| {
+            if rev > *cur {
+                *cur = rev;
+                true
+            } else {
+                false
+            }
+        });
+    }
+
+    /// Creates a registration entry.
+    pub async fn create_entry(&self, req: &EntryRequest) -> Result<Entry, CaError> {
+        let entry = self.validate_entry(req, random_hex(16)?, now_unix())?;
+        let stored = self.store.create_entry(&entry).await?;
+        self.entries_changed(stored.revision);
+        tracing::info!(entry_id = %stored.id, spiffe_id = %stored.spiffe_id, parent_id = %stored.parent_id, "entry created");
+        Ok(stored)
+    }
+
+    /// Replaces a registration entry (validated as a whole).
+    pub async fn update_entry(&self, id: &str, req: &EntryRequest) -> Result<Entry, CaError> {
+        let existing = self
+            .store
+            .get_entry(id)
+            .await?
+            .ok_or_else(|| StoreError::EntryNotFound(id.to_owned()))?;
+        let entry = self.validate_entry(req, existing.id, existing.created_at)?;
+        let stored = self.store.update_entry(&entry).await?;
+        self.entries_changed(stored.revision);
+        tracing::info!(entry_id = %stored.id, "entry updated");
+        Ok(stored)
+    }
+
+    /// Deletes a registration entry.
+    pub async fn delete_entry(&self, id: &str) -> Result<Entry, CaError> {
+        let deleted = self.store.delete_entry(id).await?;
+        let rev = self.store.entries_revision().await?;
+        self.entries_changed(rev);
+        tracing::info!(entry_id = %deleted.id, "entry deleted");
+        Ok(deleted)
+    }
+
+    /// Lists entries.
+    pub async fn list_entries(&self, filter: &EntryFilter) -> Result<Vec<Entry>, CaError> {
+        Ok(self.store.list_entries(filter).await?)
+    }
+
+    /// Creates a one-time join token. `agent_id`: the SPIFFE ID the node will get (default
+    /// `spiffe://<td>/trustline/agent/join_token/<token>`).
+    pub async fn generate_join_token(
+        &self,
+        ttl: Option<Duration>,
+        agent_id: Option<&str>,
+    ) -> Result<JoinToken, CaError> {
+        let ttl = ttl.unwrap_or(self.defaults.join_token_ttl);
+        if ttl.is_zero() || ttl > Duration::from_secs(7 * 86400) {
+            return Err(invalid(
+                "ttl",
+                ttl.as_secs(),
+                "must be between 1 second and 7 days",
+            ));
+        }
+        let token = random_hex(16)?;
+        let agent_spiffe_id = match agent_id {
+            Some(a) if !a.is_empty() => {
+                let id = parse_spiffe_id("spiffe_id", a)?;
+                trustline_identity::spiffe_id::check_member("spiffe_id", a, &id, &self.td)?;
+                if id.path().is_empty() {
+                    return Err(invalid("spiffe_id", a, "an agent SPIFFE ID needs a path"));
+                }
+                id.to_string()
+            }
+            _ => join_token_agent_id(&self.td, &token),
+        };
+        let now = now_unix();
+        let jt = JoinToken {
+            token,
+            agent_spiffe_id,
+            expires_at: now + ttl.as_secs() as i64,
+            created_at: now,
+        };
+        self.store.create_join_token(&jt).await?;
+        tracing::info!(agent_id = %jt.agent_spiffe_id, expires_at = jt.expires_at, "join token generated");
+        Ok(jt)
+    }
+
+    /// Signs and records a batch of X.509-SVIDs; one result per request, in order. The records of all successful
+    /// signatures are written in one transaction before any certificate is returned.
+    pub async fn issue_x509(
+        &self,
+        reqs: Vec<X509Request>,
+        requested_by: &str,
+    ) -> Vec<Result<IssuedSvid, CaError>> {
+        let start = Instant::now();
+        let now = now_unix();
+        let mut records = Vec::with_capacity(reqs.len());
+        let mut results: Vec<Result<IssuedSvid, CaError>> = Vec::with_capacity(reqs.len());
+        for r in reqs {
+            let res = x509::check_csr(&r.csr, &r.spiffe_id.to_string(), &r.dns_names)
+                .map_err(CaError::from)
+                .and_then(|csr| self.sign_checked(&csr, &r, now));
+            match res {
+                Ok((svid, key_id)) => {
+                    records.push(IssuedRecord {
+                        serial: svid.serial.clone(),
+                        spiffe_id: r.spiffe_id.to_string(),
+                        kind: KeyKind::X509,
+                        issued_at: now,
+                        not_after: svid.not_after,
+                        signing_key_id: key_id,
+                        requested_by: requested_by.to_owned(),
+                    });
+                    results.push(Ok(svid));
+                }
+                Err(e) => {
+                    self.metrics.error(e.kind());
+                    results.push(Err(e));
+                }
+            }
+        }
+        if !records.is_empty() {
+            if let Err(e) = self.store.record_issued(&records).await {
+                tracing::error!(error = %e, "could not record issued SVIDs; withholding them");
+                self.metrics.error("store");
+                let msg = e.to_string();
+                return results
+                    .into_iter()
+                    .map(|r| {
+                        r.and_then(|_| {
+                            Err(CaError::Store(StoreError::Corrupt(format!(
+                                "recording failed: {msg}"
+                            ))))
+                        })
+                    })
+                    .collect();
+            }
+            let n = records.len() as u64;
+            self.metrics.issued("x509", n, start.elapsed() / n.max(1) as u32);
+        }
+        results
+    }
+
+    fn sign_checked(
+        &self,
+        csr: &ValidCsr,
+        r: &X509Request,
+        now: i64,
+    ) -> Result<(IssuedSvid, String), CaError> {
+        Ok(self
+            .authority
+            .sign_x509(csr, &r.spiffe_id, &r.dns_names, r.ttl, now)?)
+    }
+
+    /// Mints and records a JWT-SVID.
+    pub async fn mint_jwt(
+        &self,
+        spiffe_id: &SpiffeId,
+        audience: &[String],
+        ttl: Duration,
+        requested_by: &str,
+    ) -> Result<MintedJwt, CaError> {
+        let start = Instant::now();
+        let now = now_unix();
+        let (minted, kid) = self
+            .authority
+            .mint_jwt(spiffe_id, audience, ttl, now)
+            .inspect_err(|e| {
+                self.metrics.error(if matches!(e, AuthorityError::Jwt(_)) {
+                    "invalid_argument"
+                } else {
+                    "internal"
+                })
+            })?;
+        self.store
+            .record_issued(&[IssuedRecord {
+                serial: minted.jti.clone(),
+                spiffe_id: spiffe_id.to_string(),
+                kind: KeyKind::Jwt,
+                issued_at: now,
+                not_after: minted.expires_at,
+                signing_key_id: kid,
+                requested_by: requested_by.to_owned(),
+            }])
+            .await?;
+        self.metrics.issued("jwt", 1, start.elapsed());
+        Ok(minted)
+    }
+
+    /// Attests a node with a one-time join token and issues its agent SVID. The CSR is checked before the token
+    /// is spent, so a bad CSR leaves the token usable.
+    pub async fn attest_join_token(
+        &self,
+        token: &str,
+        csr_der: &[u8],
+    ) -> Result<(SpiffeId, IssuedSvid), CaError> {
+        if token.is_empty() {
+            return Err(invalid("join_token", "", "is required"));
+        }
+        let csr = x509::parse_csr(csr_der)?;
+        let uris = x509::csr_uri_sans(&csr);
+        for u in &uris {
+            let id = parse_spiffe_id("csr URI SAN", u)?;
+            trustline_identity::spiffe_id::check_member("csr URI SAN", u, &id, &self.td)?;
+        }
+        let now = now_unix();
+        let jt = self
+            .store
+            .consume_join_token(token, now)
+            .await
+            .inspect_err(|_| self.metrics.error("token"))?;
+        let agent_id = parse_spiffe_id("agent_spiffe_id", &jt.agent_spiffe_id)?;
+        x509::check_csr_sans(&csr, &jt.agent_spiffe_id, &[])?;
+        let (svid, key_id) = self
+            .authority
+            .sign_x509(&csr, &agent_id, &[], self.defaults.agent_ttl, now)?;
+        self.store
+            .record_issued(&[IssuedRecord {
+                serial: svid.serial.clone(),
+                spiffe_id: jt.agent_spiffe_id.clone(),
+                kind: KeyKind::X509,
+                issued_at: now,
+                not_after: svid.not_after,
+                signing_key_id: key_id,
+                requested_by: "join_token".into(),
+            }])
+            .await?;
+        self.store
+            .upsert_node(&NodeRecord {
+                spiffe_id: jt.agent_spiffe_id.clone(),
+                attestation_type: "join_token".into(),
+                serial: svid.serial.clone(),
+                expires_at: svid.not_after,
+                created_at: now,
+                updated_at: now,
+            })
+            .await?;
+        self.metrics.agent_attested();
+        self.metrics.issued("agent", 1, Duration::ZERO);
+        tracing::info!(agent_id = %agent_id, serial = %svid.serial, "node attested with join token");
+        Ok((agent_id, svid))
+    }
+
+    /// Renews an attested agent's SVID.
+    pub async fn renew_agent(&self, agent_id: &SpiffeId, csr_der: &[u8]) -> Result<IssuedSvid, CaError> {
+        let node = self.require_node(agent_id).await?;
+        let id = agent_id.to_string();
+        let mut out = self
+            .issue_x509(
+                vec![X509Request {
+                    csr: csr_der.to_vec(),
+                    spiffe_id: agent_id.clone(),
+                    dns_names: Vec::new(),
+                    ttl: self.defaults.agent_ttl,
+                }],
+                &id,
+            )
+            .await;
+        let svid = out.pop().ok_or_else(|| invalid("csr", "", "nothing issued"))??;
+        let now = now_unix();
+        self.store
+            .upsert_node(&NodeRecord {
+                serial: svid.serial.clone(),
+                expires_at: svid.not_after,
+                updated_at: now,
+                ..node
+            })
+            .await?;
+        Ok(svid)
+    }
+
+    /// The node record of an agent, or PermissionDenied if it was never attested (or was evicted).
+    pub async fn require_node(&self, agent_id: &SpiffeId) -> Result<NodeRecord, CaError> {
+        self.store
+            .get_node(&agent_id.to_string())
+            .await?
+            .ok_or_else(|| CaError::PermissionDenied(format!("{agent_id} is not an attested agent")))
+    }
+
+    /// The entries an agent may issue (those whose parent is the agent).
+    pub async fn authorized_entries(&self, agent_id: &SpiffeId) -> Result<Vec<Entry>, CaError> {
+        Ok(self.store.list_entries_by_parent(&agent_id.to_string()).await?)
+    }
+
+    /// TTL for an entry's X.509-SVID.
+    pub fn x509_ttl(&self, e: &Entry) -> Duration {
+        if e.x509_svid_ttl > 0 {
+            Duration::from_secs(e.x509_svid_ttl as u64)
+        } else {
+            self.defaults.x509_ttl
+        }
+    }
+
+    /// TTL for an entry's JWT-SVID.
+    pub fn jwt_ttl(&self, e: &Entry) -> Duration {
+        if e.jwt_svid_ttl > 0 {
+            Duration::from_secs(e.jwt_svid_ttl as u64)
+        } else {
+            self.defaults.jwt_ttl
+        }
+    }
+}

@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# Runs every Trustline test. Installs what the tests need (Debian packages) when missing, starts a throwaway
+# PostgreSQL on loopback for the store tests, and prints cargo's own summary lines.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+need_apt=()
+PG_BIN=""
+for v in 17 16 15; do
+  if [ -x "/usr/lib/postgresql/$v/bin/initdb" ]; then PG_BIN="/usr/lib/postgresql/$v/bin"; break; fi
+done
+[ -n "$PG_BIN" ] || need_apt+=(postgresql)
+command -v openssl >/dev/null || need_apt+=(openssl)
+if [ ${#need_apt[@]} -gt 0 ]; then
+  echo "== installing: ${need_apt[*]}"
+  if [ "$(id -u)" -eq 0 ]; then SUDO=""; else SUDO="sudo"; fi
+  export DEBIAN_FRONTEND=noninteractive
+  $SUDO apt-get update -qq
+  $SUDO apt-get install -y -qq --no-install-recommends "${need_apt[@]}" >/dev/null
+  for v in 17 16 15; do
+    if [ -x "/usr/lib/postgresql/$v/bin/initdb" ]; then PG_BIN="/usr/lib/postgresql/$v/bin"; break; fi
+  done
+fi
+
+# A private PostgreSQL on a free loopback port, removed on exit.
+PG_DIR="$(mktemp -d /tmp/trustline-pg.XXXXXX)"
+PG_PORT="$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')"
+cleanup() {
+  if [ -f "$PG_DIR/data/postmaster.pid" ]; then
+    run_pg "$PG_BIN/pg_ctl" -D "$PG_DIR/data" -m immediate stop >/dev/null 2>&1 || true
+  fi
+  rm -rf "$PG_DIR"
+}
+trap cleanup EXIT
+if [ "$(id -u)" -eq 0 ]; then
+  id postgres >/dev/null 2>&1 || useradd --system --no-create-home postgres
+  chown postgres "$PG_DIR"
+  run_pg() { su postgres -s /bin/sh -c "$(printf '%q ' "$@")"; }
+else
+  run_pg() { "$@"; }
+fi
+run_pg "$PG_BIN/initdb" -D "$PG_DIR/data" -A trust -U postgres >/dev/null
+run_pg "$PG_BIN/pg_ctl" -D "$PG_DIR/data" -l "$PG_DIR/log" -w \
+  -o "-k $PG_DIR -p $PG_PORT -c listen_addresses=127.0.0.1 -c fsync=off" start >/dev/null
+export TRUSTLINE_TEST_POSTGRES="host=127.0.0.1 port=$PG_PORT user=postgres dbname=postgres"
+echo "== PostgreSQL $("$PG_BIN/postgres" --version | awk '{print $3}') on 127.0.0.1:$PG_PORT"
+
+echo "== cargo test --workspace"
+cargo test --workspace --locked 2>&1

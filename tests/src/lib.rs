@@ -1,0 +1,317 @@
+//! Support for Trustline's end-to-end tests: start real binaries on loopback (port 0, temp dirs), wait for their
+//! readiness line, talk to them, and stop them when the handle is dropped.
+
+#![forbid(unsafe_code)]
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::mpsc;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use trustline_identity::spiffe_id::{SpiffeId, TrustDomain};
+use trustline_identity::tls::{client_config, ExpectedPeer, RotatingCert, SpiffeServerVerifier, TrustBundle};
+use trustline_proto::agent::agent_client::AgentClient;
+
+/// How long a process gets to print its readiness line.
+pub const READY_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Path of a workspace binary (built by `cargo build --workspace --bins`, which `scripts/test.sh` runs first).
+pub fn bin(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("current exe");
+    // target/<profile>/deps/<test> -> target/<profile>/<name>
+    let dir = exe.parent().and_then(Path::parent).expect("target dir");
+    let p = dir.join(name);
+    assert!(
+        p.exists(),
+        "{} is missing: build it with `cargo build --workspace --bins` (scripts/test.sh does)",
+        p.display()
+    );
+    p
+}
+
+/// Polls `f` until it returns `Some`, or panics after `patience` with `what`.
+pub async fn eventually<T, F, Fut>(patience: Duration, what: &str, mut f: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let start = Instant::now();
+    loop {
+        if let Some(v) = f().await {
+            return v;
+        }
+        assert!(
+            start.elapsed() < patience,
+            "timed out after {patience:?} waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A running `trustline-ca`.
+pub struct Ca {
+    child: Option<Child>,
+    /// Its state folder.
+    pub dir: PathBuf,
+    /// Its config file.
+    pub config: PathBuf,
+    /// Bound agent API address.
+    pub agent_addr: SocketAddr,
+    /// Admin socket.
+    pub socket: PathBuf,
+    /// Bound health address, if enabled.
+    pub health_addr: Option<SocketAddr>,
+    /// Lines the process printed on stderr (logs).
+    pub logs: Arc<std::sync::Mutex<Vec<String>>>,
+}
+
+/// The default config body for tests (trust domain example.org, SQLite, key file, port 0).
+pub fn default_config(dir: &Path) -> String {
+    format!(
+        "trust_domain = \"example.org\"\ndata_dir = \"{d}\"\n\n[server]\nagent_listen = \"127.0.0.1:0\"\nhealth_listen = \"127.0.0.1:0\"\n\n[keys]\nkey_file = \"{d}/seal.key\"\n",
+        d = dir.display()
+    )
+}
+
+impl Ca {
+    /// Writes a sealing key file (if missing) and `config` into `dir`, then starts the CA.
+    pub fn start_with(dir: &Path, config: &str) -> Ca {
+        std::fs::create_dir_all(dir).unwrap();
+        let key = dir.join("seal.key");
+        if !key.exists() {
+            trustline_hsm::SoftwareKeyStore::create_key_file(&key).unwrap();
+        }
+        let cfg = dir.join("ca.toml");
+        std::fs::write(&cfg, config).unwrap();
+        Self::spawn(dir, &cfg)
+    }
+
+    /// Starts a CA with [`default_config`] in `dir`.
+    pub fn start(dir: &Path) -> Ca {
+        Self::start_with(dir, &default_config(dir))
+    }
+
+    fn spawn(dir: &Path, cfg: &Path) -> Ca {
+        let mut child = Command::new(bin("trustline-ca"))
+            .arg("run")
+            .arg("--config")
+            .arg(cfg)
+            .env("TRUSTLINE_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn trustline-ca");
+        let logs = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let stderr = child.stderr.take().unwrap();
+        let l2 = logs.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                l2.lock().unwrap().push(line);
+            }
+        });
+        let stdout = child.stdout.take().unwrap();
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                let _ = tx.send(line);
+            }
+        });
+        let deadline = Instant::now() + READY_TIMEOUT;
+        let ready = loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match rx.recv_timeout(left) {
+                Ok(line) if line.starts_with("trustline-ca ready:") => break line,
+                Ok(_) => {}
+                Err(_) => {
+                    let _ = child.kill();
+                    panic!(
+                        "trustline-ca did not become ready; logs:\n{}",
+                        logs.lock().unwrap().join("\n")
+                    );
+                }
+            }
+        };
+        let field = |key: &str| -> Option<String> {
+            ready
+                .split(", ")
+                .find_map(|p| p.split_once(key).map(|(_, v)| v.trim().to_owned()))
+        };
+        let agent_addr = field("agent API listening on ").unwrap().parse().unwrap();
+        let socket = PathBuf::from(field("admin socket ").unwrap());
+        let health_addr = field("health on http://").map(|a| a.parse().unwrap());
+        Ca {
+            child: Some(child),
+            dir: dir.to_owned(),
+            config: cfg.to_owned(),
+            agent_addr,
+            socket,
+            health_addr,
+            logs,
+        }
+    }
+
+    /// Runs `trustline-ca --socket <socket> ARGS…` and returns its output.
+    pub fn cli(&self, args: &[&str]) -> Output {
+        Command::new(bin("trustline-ca"))
+            .arg("--socket")
+            .arg(&self.socket)
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .expect("run trustline-ca cli")
+    }
+
+    /// Runs the CLI and returns stdout, panicking with stderr on failure.
+    pub fn cli_ok(&self, args: &[&str]) -> String {
+        let out = self.cli(args);
+        assert!(
+            out.status.success(),
+            "trustline-ca {args:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    }
+
+    /// Runs the CLI expecting failure; returns stderr.
+    pub fn cli_err(&self, args: &[&str]) -> String {
+        let out = self.cli(args);
+        assert!(
+            !out.status.success(),
+            "trustline-ca {args:?} unexpectedly succeeded: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+        String::from_utf8(out.stderr).unwrap()
+    }
+
+    /// The bundle's X.509 roots (DER), via the CLI.
+    pub fn bundle_roots(&self) -> Vec<Vec<u8>> {
+        trustline_identity::bundle::certs_from_pem(&self.cli_ok(&["bundle", "show", "--format", "pem"]))
+            .unwrap()
+    }
+
+    /// Stops the CA with SIGTERM and waits for it to exit.
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = Command::new("kill")
+                .arg("-TERM")
+                .arg(child.id().to_string())
+                .status();
+            let deadline = Instant::now() + Duration::from_secs(10);
+            loop {
+                if let Ok(Some(_)) = child.try_wait() {
+                    break;
+                }
+                if Instant::now() > deadline {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+    }
+
+    /// Restarts the CA with the same config (new ephemeral ports).
+    pub fn restart(&mut self) {
+        self.stop();
+        let fresh = Self::spawn(&self.dir.clone(), &self.config.clone());
+        *self = fresh;
+    }
+}
+
+impl Drop for Ca {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// A fresh P-256 key and a CSR for it carrying `uris` as URI SANs and `dns` as DNS SANs.
+pub fn csr(uris: &[&str], dns: &[&str]) -> (rcgen::KeyPair, Vec<u8>) {
+    let key = rcgen::KeyPair::generate().unwrap();
+    let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    for u in uris {
+        params
+            .subject_alt_names
+            .push(rcgen::SanType::URI((*u).try_into().unwrap()));
+    }
+    for d in dns {
+        params
+            .subject_alt_names
+            .push(rcgen::SanType::DnsName((*d).try_into().unwrap()));
+    }
+    let req = params.serialize_request(&key).unwrap();
+    (key, req.der().to_vec())
+}
+
+/// Connects to the CA's agent API over mutual TLS 1.3, verifying the CA's SVID against `roots`; presents
+/// `client` (chain, PKCS#8 key) if given.
+pub async fn agent_client(
+    addr: SocketAddr,
+    roots: &[Vec<u8>],
+    client: Option<(Vec<Vec<u8>>, Vec<u8>)>,
+) -> Result<AgentClient<tonic::transport::Channel>, tonic::transport::Error> {
+    let td = TrustDomain::new("example.org").unwrap();
+    let bundle = TrustBundle::new(td, roots).unwrap();
+    let ca_id = SpiffeId::new("spiffe://example.org/trustline/ca").unwrap();
+    let verifier = Arc::new(SpiffeServerVerifier::new(
+        bundle,
+        ExpectedPeer::OneOf(vec![ca_id]),
+    ));
+    let cert = client.map(|(chain, key)| {
+        let rc = Arc::new(RotatingCert::default());
+        rc.set(chain, &key).unwrap();
+        rc
+    });
+    let cfg = Arc::new(client_config(verifier, cert).unwrap());
+    let connector = tokio_rustls::TlsConnector::from(cfg);
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect_with_connector(tower::service_fn(move |_: tonic::transport::Uri| {
+            let connector = connector.clone();
+            async move {
+                let tcp = tokio::net::TcpStream::connect(addr).await?;
+                let name = rustls::pki_types::ServerName::try_from("trustline-ca").unwrap();
+                let tls = connector.connect(name, tcp).await?;
+                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(tls))
+            }
+        }))
+        .await?;
+    Ok(AgentClient::new(channel))
+}
+
+/// Verifies an X.509-SVID chain (leaf first) against `roots` at `at` (unix seconds), as a TLS server would
+/// verify a client. Returns the SPIFFE ID.
+pub fn verify_svid(chain: &[Vec<u8>], roots: &[Vec<u8>], at: u64) -> Result<String, String> {
+    let td = TrustDomain::new("example.org").unwrap();
+    let bundle = TrustBundle::new(td, roots).map_err(|e| e.to_string())?;
+    let ee = rustls::pki_types::CertificateDer::from(chain[0].clone());
+    let inter: Vec<_> = chain[1..]
+        .iter()
+        .map(|c| rustls::pki_types::CertificateDer::from(c.clone()))
+        .collect();
+    bundle
+        .verify_chain(
+            &ee,
+            &inter,
+            rustls::pki_types::UnixTime::since_unix_epoch(Duration::from_secs(at)),
+            true,
+        )
+        .map(|id| id.to_string())
+        .map_err(|e| e.to_string())
+}
+
+/// Now, in unix seconds.
+pub fn now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+}
