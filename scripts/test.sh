@@ -45,5 +45,8 @@ run_pg "$PG_BIN/pg_ctl" -D "$PG_DIR/data" -l "$PG_DIR/log" -w \
 export TRUSTLINE_TEST_POSTGRES="host=127.0.0.1 port=$PG_PORT user=postgres dbname=postgres"
 echo "== PostgreSQL $("$PG_BIN/postgres" --version | awk '{print $3}') on 127.0.0.1:$PG_PORT"
 
+# End-to-end tests run the real binaries: build them first.
+echo "== cargo build --workspace --bins"
+cargo build --workspace --bins --locked 2>&1
 echo "== cargo test --workspace"
 cargo test --workspace --locked 2>&1

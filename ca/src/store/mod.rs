@@ -404,7 +404,7 @@ impl Store {
         dispatch!(self, s => s.insert_ca_key(key))
     }
 
-    /// All CA keys, oldest first.
+    /// All CA keys, oldest first (in insertion order within a second).
     pub async fn list_ca_keys(&self) -> Result<Vec<CaKeyRecord>, StoreError> {
         dispatch!(self, s => s.list_ca_keys())
     }

@@ -26,7 +26,7 @@ const MIGRATIONS: &[&str] = &[
         expires_at BIGINT NOT NULL, created_at BIGINT NOT NULL);
      CREATE TABLE nodes (spiffe_id TEXT PRIMARY KEY, attestation_type TEXT NOT NULL, serial TEXT NOT NULL,
         expires_at BIGINT NOT NULL, created_at BIGINT NOT NULL, updated_at BIGINT NOT NULL);
-     CREATE TABLE ca_keys (id TEXT PRIMARY KEY, kind TEXT NOT NULL, state TEXT NOT NULL, key_type TEXT NOT NULL,
+     CREATE TABLE ca_keys (seq BIGSERIAL, id TEXT PRIMARY KEY, kind TEXT NOT NULL, state TEXT NOT NULL, key_type TEXT NOT NULL,
         key_ref TEXT NOT NULL, certificate BYTEA, public_key_spki BYTEA NOT NULL, not_before BIGINT NOT NULL,
         not_after BIGINT NOT NULL, created_at BIGINT NOT NULL, activated_at BIGINT, retired_at BIGINT);
      CREATE UNIQUE INDEX ca_keys_one_prepared ON ca_keys (kind) WHERE state = 'prepared';
@@ -460,7 +460,7 @@ impl PgStore {
         let c = self.client().await?;
         let rows = c
             .query(
-                &format!("SELECT {KEY_COLS} FROM ca_keys ORDER BY created_at, id"),
+                &format!("SELECT {KEY_COLS} FROM ca_keys ORDER BY created_at, seq"),
                 &[],
             )
             .await?;

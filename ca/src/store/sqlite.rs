@@ -477,7 +477,9 @@ impl SqliteStore {
     pub(super) fn list_ca_keys(&self) -> Result<Vec<CaKeyRecord>, StoreError> {
         let conn = self.conn();
         let mut stmt = conn
-            .prepare_cached(&format!("SELECT {KEY_COLS} FROM ca_keys ORDER BY created_at, id"))
+            .prepare_cached(&format!(
+                "SELECT {KEY_COLS} FROM ca_keys ORDER BY created_at, rowid"
+            ))
             .map_err(|e| self.err(e))?;
         let rows = stmt.query_map([], row_key).map_err(|e| self.err(e))?;
         let mut out = Vec::new();
