@@ -447,3 +447,72 @@ pub async fn connect(
         .await?;
     Ok(pb::admin_client::AdminClient::new(channel))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tonic::service::Interceptor;
+
+    /// The guard admits only configured uids, using the kernel-reported credentials tonic attaches to each
+    /// request on a Unix socket (real SO_PEERCRED from a socketpair, not a mock).
+    #[tokio::test]
+    async fn uid_guard_admits_only_allowed_uids() {
+        let (a, _b) = tokio::net::UnixStream::pair().unwrap();
+        let cred = a.peer_cred().unwrap();
+        let info = UdsConnectInfo {
+            peer_addr: None,
+            peer_cred: Some(cred),
+        };
+        let req = |info: Option<UdsConnectInfo>| {
+            let mut r = Request::new(());
+            if let Some(i) = info {
+                r.extensions_mut().insert(i);
+            }
+            r
+        };
+        let mut allowed = UidGuard {
+            allowed: Arc::new(vec![cred.uid()]),
+        };
+        assert!(allowed.call(req(Some(info.clone()))).is_ok());
+        let mut other = UidGuard {
+            allowed: Arc::new(vec![cred.uid().wrapping_add(4242)]),
+        };
+        let err = other.call(req(Some(info))).unwrap_err();
+        assert_eq!(err.code(), tonic::Code::PermissionDenied);
+        assert!(
+            err.message().contains(&format!("uid {}", cred.uid())),
+            "{}",
+            err.message()
+        );
+        assert!(allowed.call(req(None)).is_err(), "no credentials, no access");
+    }
+
+    #[test]
+    fn bind_refuses_a_live_socket_and_replaces_a_stale_one() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            use std::os::unix::fs::PermissionsExt;
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join("sub/admin.sock");
+            let l = bind(&path, false).unwrap();
+            assert_eq!(
+                std::fs::metadata(&path).unwrap().permissions().mode() & 0o777,
+                0o600
+            );
+            assert_eq!(
+                std::fs::metadata(dir.path().join("sub"))
+                    .unwrap()
+                    .permissions()
+                    .mode()
+                    & 0o777,
+                0o700
+            );
+            assert!(bind(&path, false).is_err(), "a live CA owns it");
+            drop(l);
+            bind(&path, false).unwrap();
+        });
+    }
+}

@@ -388,6 +388,8 @@ impl Config {
             if p.is_relative() {
                 *p = base.join(&*p);
             }
+            // Drop `.` components so messages show clean paths.
+            *p = p.components().collect();
         };
         resolve(&mut raw.data_dir);
         for p in [

@@ -353,3 +353,152 @@ pub fn cert_not_after(der: &[u8]) -> Result<i64, X509Error> {
         x509_parser::parse_x509_certificate(der).map_err(|e| X509Error::Generate(e.to_string()))?;
     Ok(cert.validity().not_after.timestamp())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rustls::pki_types::{CertificateDer, UnixTime};
+    use trustline_hsm::{KeyStore, SoftwareKeyStore};
+    use trustline_identity::spiffe_id::TrustDomain;
+    use trustline_identity::tls::{svid_leaf_id, TrustBundle};
+
+    fn keystore(dir: &std::path::Path) -> KeyStore {
+        let p = dir.join("k");
+        SoftwareKeyStore::create_key_file(&p).unwrap();
+        KeyStore::Software(SoftwareKeyStore::from_key_file(&p).unwrap())
+    }
+
+    fn csr_for(uris: &[&str]) -> Vec<u8> {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut p = CertificateParams::new(Vec::<String>::new()).unwrap();
+        for u in uris {
+            p.subject_alt_names.push(SanType::URI((*u).try_into().unwrap()));
+        }
+        p.serialize_request(&key).unwrap().der().to_vec()
+    }
+
+    fn verify(chain: &[Vec<u8>], roots: &[Vec<u8>], now: i64) -> Result<SpiffeId, rustls::Error> {
+        let b = TrustBundle::new(TrustDomain::new("example.org").unwrap(), roots).unwrap();
+        let inter: Vec<CertificateDer<'_>> = chain[1..]
+            .iter()
+            .map(|c| CertificateDer::from(c.as_slice()))
+            .collect();
+        b.verify_chain(
+            &CertificateDer::from(chain[0].as_slice()),
+            &inter,
+            UnixTime::since_unix_epoch(Duration::from_secs(now as u64)),
+            true,
+        )
+    }
+
+    /// Every CA key type issues SVIDs that webpki verifies against the root and that meet the leaf rules.
+    #[test]
+    fn every_ca_key_type_issues_verifiable_svids() {
+        let dir = tempfile::tempdir().unwrap();
+        let ks = keystore(dir.path());
+        let now = now_unix();
+        let id = SpiffeId::new("spiffe://example.org/w").unwrap();
+        for kt in [
+            KeyType::EcP256,
+            KeyType::EcP384,
+            KeyType::Ed25519,
+            KeyType::Rsa2048,
+        ] {
+            let (signer, _) = ks.generate(kt).unwrap();
+            let key = HsmKey::new(signer);
+            let spec = CaCertSpec {
+                trust_domain: "example.org",
+                organization: "T",
+                not_before: now - 10,
+                not_after: now + 3600,
+            };
+            let (root, _) = self_signed_ca(&key, &spec).unwrap();
+            let ca = SigningCa::new(root.clone(), key, true, now + 3600).unwrap();
+            let csr = check_csr(&csr_for(&["spiffe://example.org/w"]), &id.to_string(), &[]).unwrap();
+            let svid = sign_svid(&ca, &csr, &id, &[], Duration::from_secs(600), now).unwrap();
+            assert_eq!(
+                svid.chain.len(),
+                1,
+                "{kt}: self-signed mode carries the leaf only"
+            );
+            assert_eq!(svid_leaf_id(&svid.chain[0]).unwrap(), id, "{kt}");
+            assert_eq!(verify(&svid.chain, &[root], now).unwrap(), id, "{kt}");
+            // Capped by the CA certificate.
+            let long = sign_svid(&ca, &csr, &id, &[], Duration::from_secs(86400), now).unwrap();
+            assert_eq!(long.not_after, now + 3600, "{kt}");
+        }
+    }
+
+    #[test]
+    fn intermediate_chain_verifies_against_the_upstream_root() {
+        let dir = tempfile::tempdir().unwrap();
+        let ks = keystore(dir.path());
+        let now = now_unix();
+        let (up_signer, _) = ks.generate(KeyType::EcP384).unwrap();
+        let up_key = HsmKey::new(up_signer);
+        let spec = CaCertSpec {
+            trust_domain: "example.org",
+            organization: "Upstream",
+            not_before: now - 10,
+            not_after: now + 7200,
+        };
+        let (up_root, _) = self_signed_ca(&up_key, &spec).unwrap();
+        let upstream = Issuer::from_ca_cert_der(&up_root.as_slice().into(), up_key).unwrap();
+        let (signer, _) = ks.generate(KeyType::EcP256).unwrap();
+        let key = HsmKey::new(signer);
+        let (inter, _) = intermediate_ca(&key, &spec, &upstream).unwrap();
+        let ca = SigningCa::new(inter.clone(), key, false, now + 7200).unwrap();
+        let id = SpiffeId::new("spiffe://example.org/w").unwrap();
+        let csr = check_csr(&csr_for(&[]), &id.to_string(), &[]).unwrap();
+        let svid = sign_svid(&ca, &csr, &id, &[], Duration::from_secs(600), now).unwrap();
+        assert_eq!(svid.chain, vec![svid.chain[0].clone(), inter.clone()]);
+        assert_eq!(verify(&svid.chain, &[up_root.clone()], now).unwrap(), id);
+        assert!(
+            verify(&svid.chain[..1], &[up_root], now).is_err(),
+            "the intermediate is needed"
+        );
+    }
+
+    #[test]
+    fn csr_checks_name_the_problem() {
+        let id = "spiffe://example.org/w";
+        assert!(check_csr(&csr_for(&[id]), id, &[]).is_ok());
+        assert!(
+            check_csr(&csr_for(&[]), id, &[]).is_ok(),
+            "no SAN: the CA names the certificate"
+        );
+        let err = check_csr(&csr_for(&[id, "spiffe://example.org/x"]), id, &[])
+            .err()
+            .unwrap();
+        assert!(err.to_string().contains("URI:spiffe://example.org/x"), "{err}");
+        let mut der = csr_for(&[id]);
+        let last = der.len() - 1;
+        der[last] ^= 0xff;
+        let err = check_csr(&der, id, &[]).err().unwrap();
+        assert!(
+            err.to_string().contains("signature does not verify") || err.to_string().contains("parseable"),
+            "{err}"
+        );
+        assert!(check_csr(b"junk", id, &[]).is_err());
+        // A CSR asking to be a CA.
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut p = CertificateParams::new(Vec::<String>::new()).unwrap();
+        p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        let der = p.serialize_request(&key).unwrap().der().to_vec();
+        assert!(matches!(
+            check_csr(&der, id, &[]),
+            Err(X509Error::CsrIsCa) | Err(X509Error::Csr(_))
+        ));
+    }
+
+    #[test]
+    fn serials_are_positive_and_distinct() {
+        let mut seen = std::collections::HashSet::new();
+        for _ in 0..1000 {
+            let (s, hex) = random_serial().unwrap();
+            assert_eq!(hex.len(), 32);
+            assert!(s.to_bytes()[0] & 0x80 == 0, "DER INTEGER stays positive");
+            assert!(seen.insert(hex));
+        }
+    }
+}

@@ -936,3 +936,141 @@ async fn postgres_replicas_share_entries_keys_and_rotation() {
     drop(b);
     admin(&format!("DROP DATABASE IF EXISTS {db} WITH (FORCE)"));
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn intermediate_mode_chains_to_the_operators_root() {
+    let tmp = tempfile::tempdir().unwrap();
+    // The operator's own root CA.
+    let root_key = rcgen::KeyPair::generate().unwrap();
+    let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    params.key_usages = vec![
+        rcgen::KeyUsagePurpose::KeyCertSign,
+        rcgen::KeyUsagePurpose::CrlSign,
+    ];
+    params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "Corp Root");
+    let root = params.self_signed(&root_key).unwrap();
+    let cert_path = tmp.path().join("upstream.pem");
+    let key_path = tmp.path().join("upstream-key.pem");
+    std::fs::write(&cert_path, root.pem()).unwrap();
+    std::fs::write(&key_path, root_key.serialize_pem()).unwrap();
+    let mut cfg = trustline_tests::default_config(tmp.path());
+    cfg.push_str(&format!(
+        "\n[ca]\nupstream_cert = \"{}\"\nupstream_key = \"{}\"\n",
+        cert_path.display(),
+        key_path.display()
+    ));
+    let ca = Ca::start_with(tmp.path(), &cfg);
+    assert_eq!(
+        ca.bundle_roots(),
+        vec![root.der().to_vec()],
+        "the bundle publishes the operator's root"
+    );
+    let (key, der) = csr(&[WEB], &[]);
+    let p = write_csr(tmp.path(), "i.csr", &der);
+    let chain = chain_from_pem(&ca.cli_ok(&["x509", "mint", "--csr", &p, "--spiffe-id", WEB]));
+    assert_eq!(chain.len(), 2, "leaf + the CA's intermediate");
+    assert_conformant_svid(&chain, &key.serialize_der(), WEB);
+    assert_eq!(verify_svid(&chain, &[root.der().to_vec()], now()).unwrap(), WEB);
+    // Rotating the intermediate leaves the bundle unchanged, and new SVIDs still chain to the root.
+    ca.cli_ok(&["ca", "rotate", "--kind", "x509"]);
+    ca.cli_ok(&["ca", "rotate", "--kind", "x509"]);
+    assert_eq!(ca.bundle_roots(), vec![root.der().to_vec()]);
+    let chain2 = chain_from_pem(&ca.cli_ok(&["x509", "mint", "--csr", &p, "--spiffe-id", WEB]));
+    assert_ne!(chain2[1], chain[1], "a new intermediate");
+    assert_eq!(verify_svid(&chain2, &[root.der().to_vec()], now()).unwrap(), WEB);
+    // Agents verify the CA's own serving SVID through the intermediate too.
+    let (tok, _) = token(&ca, &[]);
+    attest(&ca, &tok).await.unwrap();
+}
+
+#[test]
+fn quickstart_starts_a_ca_and_mints_a_first_svid() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = std::process::Command::new(trustline_tests::bin("trustline-ca"))
+        .args(["quickstart", "--exit", "--dir"])
+        .arg(tmp.path().join("state"))
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("[ok] CA started for trust domain example.org"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("[ok] minted X.509-SVID spiffe://example.org/demo/web"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("[ok] minted JWT-SVID"), "{stdout}");
+    let dir = tmp.path().join("state/ca");
+    let chain = chain_from_pem(&std::fs::read_to_string(dir.join("demo-svid.pem")).unwrap());
+    let roots = chain_from_pem(&std::fs::read_to_string(dir.join("bundle.pem")).unwrap());
+    assert_eq!(
+        verify_svid(&chain, &roots, now()).unwrap(),
+        "spiffe://example.org/demo/web"
+    );
+    // Running it again reuses the same state (same CA key).
+    let again = std::process::Command::new(trustline_tests::bin("trustline-ca"))
+        .args(["quickstart", "--exit", "--dir"])
+        .arg(tmp.path().join("state"))
+        .output()
+        .unwrap();
+    assert!(again.status.success());
+    assert_eq!(
+        chain_from_pem(&std::fs::read_to_string(dir.join("bundle.pem")).unwrap()),
+        roots
+    );
+}
+
+#[test]
+fn config_errors_name_the_key_and_value() {
+    let tmp = tempfile::tempdir().unwrap();
+    let run = |body: &str| {
+        let p = tmp.path().join("c.toml");
+        std::fs::write(&p, body).unwrap();
+        let out = std::process::Command::new(trustline_tests::bin("trustline-ca"))
+            .arg("--config")
+            .arg(&p)
+            .args(["run", "--validate"])
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr),
+        )
+    };
+    let (ok, out) = run("trust_domain = \"example.org\"\n[svid]\nx509_tll = \"1h\"\n");
+    assert!(!ok && out.contains("x509_tll"), "{out}");
+    let (ok, out) = run("trust_domain = \"example.org\"\n[keys]\nx509_key_type = \"dsa\"\n");
+    assert!(
+        !ok && out.contains("keys.x509_key_type") && out.contains("\"dsa\""),
+        "{out}"
+    );
+    let (ok, out) = run("trust_domain = \"example.org\"\n");
+    assert!(ok && out.contains("is valid"), "{out}");
+    // The shipped examples validate.
+    for f in ["ca.toml", "ca-postgres.toml"] {
+        let p = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../docs/examples")
+            .join(f);
+        let out = std::process::Command::new(trustline_tests::bin("trustline-ca"))
+            .arg("--config")
+            .arg(&p)
+            .args(["run", "--validate"])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{f}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
