@@ -452,7 +452,10 @@ mod tests {
         let csr = check_csr(&csr_for(&[]), &id.to_string(), &[]).unwrap();
         let svid = sign_svid(&ca, &csr, &id, &[], Duration::from_secs(600), now).unwrap();
         assert_eq!(svid.chain, vec![svid.chain[0].clone(), inter.clone()]);
-        assert_eq!(verify(&svid.chain, &[up_root.clone()], now).unwrap(), id);
+        assert_eq!(
+            verify(&svid.chain, std::slice::from_ref(&up_root), now).unwrap(),
+            id
+        );
         assert!(
             verify(&svid.chain[..1], &[up_root], now).is_err(),
             "the intermediate is needed"
