@@ -82,12 +82,31 @@ async fn run(n: usize) {
         ca.issue_x509(vec![req(i)], "bench").await.pop().unwrap().unwrap();
     }
 
-    // One CSR per call (each recorded in its own transaction).
+    // One CSR per call, one after another (each recorded in its own transaction).
     let t = Instant::now();
     for i in 0..n {
         ca.issue_x509(vec![req(i)], "bench").await.pop().unwrap().unwrap();
     }
-    report("X.509-SVID, 1 CSR per request", n, t.elapsed());
+    report("X.509-SVID, 1 CSR per request, sequential", n, t.elapsed());
+
+    // One CSR per request, 64 requests in flight (many agents at once): group commit shares transactions.
+    let t = Instant::now();
+    let per = n / 64;
+    let tasks: Vec<_> = (0..64)
+        .map(|w| {
+            let ca = ca.clone();
+            let reqs: Vec<X509Request> = (0..per).map(|i| req(w * per + i)).collect();
+            tokio::spawn(async move {
+                for r in reqs {
+                    ca.issue_x509(vec![r], "bench").await.pop().unwrap().unwrap();
+                }
+            })
+        })
+        .collect();
+    for t in tasks {
+        t.await.unwrap();
+    }
+    report("X.509-SVID, 1 CSR per request, 64 in flight", per * 64, t.elapsed());
 
     // Batches of 100 CSRs, as an agent renewing many workloads sends them (one transaction per batch).
     let t = Instant::now();

@@ -4,7 +4,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tokio::sync::watch;
+use tokio::sync::{mpsc, oneshot, watch};
 use trustline_identity::selector::{Selector, SelectorError};
 use trustline_identity::spiffe_id::{
     join_token_agent_id, parse_spiffe_id, parse_workload_id, IdError, SpiffeId, TrustDomain,
@@ -57,6 +57,9 @@ pub enum CaError {
     /// The caller is not authenticated.
     #[error("unauthenticated: {0}")]
     Unauthenticated(String),
+    /// Issued SVIDs could not be recorded, so they were withheld.
+    #[error("could not record issued SVIDs, withholding them: {0}")]
+    Record(String),
 }
 
 impl CaError {
@@ -73,7 +76,7 @@ impl CaError {
             Self::Store(_) => "store",
             Self::PermissionDenied(_) => "permission_denied",
             Self::Unauthenticated(_) => "unauthenticated",
-            Self::Authority(_) => "internal",
+            Self::Authority(_) | Self::Record(_) => "internal",
         }
     }
 }
@@ -96,7 +99,7 @@ impl From<CaError> for tonic::Status {
             }
             CaError::PermissionDenied(_) => tonic::Status::permission_denied(msg),
             CaError::Unauthenticated(_) => tonic::Status::unauthenticated(msg),
-            CaError::Store(_) | CaError::Authority(_) => {
+            CaError::Store(_) | CaError::Authority(_) | CaError::Record(_) => {
                 tracing::error!(error = %msg, "internal error");
                 tonic::Status::internal(msg)
             }
@@ -169,6 +172,56 @@ pub struct Ca {
     /// Metrics.
     pub metrics: Arc<Metrics>,
     entries_tx: watch::Sender<i64>,
+    recorder: mpsc::Sender<RecordJob>,
+}
+
+type RecordJob = (Vec<IssuedRecord>, oneshot::Sender<Result<(), String>>);
+
+/// Most records committed in one group transaction.
+const GROUP_COMMIT_MAX: usize = 512;
+
+/// Group commit for the issuance record: every request waits for its records to be durable, but requests that
+/// arrive while a commit is running share the next transaction. An idle CA commits each request at once (no added
+/// latency); a busy one pays one commit per group instead of one per request.
+async fn record_writer(store: Arc<Store>, mut rx: mpsc::Receiver<RecordJob>) {
+    while let Some(first) = rx.recv().await {
+        let mut jobs = vec![first];
+        let mut n = jobs[0].0.len();
+        while n < GROUP_COMMIT_MAX {
+            match rx.try_recv() {
+                Ok(job) => {
+                    n += job.0.len();
+                    jobs.push(job);
+                }
+                Err(_) => break,
+            }
+        }
+        let result = if jobs.len() == 1 {
+            store.record_issued(&jobs[0].0).await
+        } else {
+            let all: Vec<IssuedRecord> = jobs.iter().flat_map(|(r, _)| r.iter().cloned()).collect();
+            store.record_issued(&all).await
+        };
+        match result {
+            Ok(()) => {
+                for (_, done) in jobs {
+                    let _ = done.send(Ok(()));
+                }
+            }
+            // The group failed as a whole: retry each request alone so one bad request cannot fail the others.
+            Err(e) if jobs.len() > 1 => {
+                tracing::warn!(error = %e, "group commit failed; committing requests one by one");
+                for (records, done) in jobs {
+                    let _ = done.send(store.record_issued(&records).await.map_err(|e| e.to_string()));
+                }
+            }
+            Err(e) => {
+                for (_, done) in jobs {
+                    let _ = done.send(Err(e.to_string()));
+                }
+            }
+        }
+    }
 }
 
 fn random_hex(n: usize) -> Result<String, CaError> {
@@ -201,6 +254,8 @@ impl Ca {
     ) -> Result<Arc<Self>, CaError> {
         let rev = store.entries_revision().await?;
         let (entries_tx, _) = watch::channel(rev);
+        let (recorder, rx) = mpsc::channel(4096);
+        tokio::spawn(record_writer(store.clone(), rx));
         Ok(Arc::new(Self {
             td: authority.trust_domain().clone(),
             store,
@@ -208,7 +263,23 @@ impl Ca {
             defaults,
             metrics,
             entries_tx,
+            recorder,
         }))
+    }
+
+    /// Records issued SVIDs durably (group commit); returns once they are committed.
+    pub async fn record(&self, records: Vec<IssuedRecord>) -> Result<(), CaError> {
+        if records.is_empty() {
+            return Ok(());
+        }
+        let (tx, rx) = oneshot::channel();
+        self.recorder
+            .send((records, tx))
+            .await
+            .map_err(|_| CaError::Record("recorder stopped".into()))?;
+        rx.await
+            .map_err(|_| CaError::Record("recorder stopped".into()))?
+            .map_err(CaError::Record)
     }
 
     /// A receiver that sees every new entries revision.
@@ -389,22 +460,16 @@ impl Ca {
             }
         }
         if !records.is_empty() {
-            if let Err(e) = self.store.record_issued(&records).await {
+            let n = records.len() as u64;
+            if let Err(e) = self.record(records).await {
                 tracing::error!(error = %e, "could not record issued SVIDs; withholding them");
-                self.metrics.error("store");
+                self.metrics.error("internal");
                 let msg = e.to_string();
                 return results
                     .into_iter()
-                    .map(|r| {
-                        r.and_then(|_| {
-                            Err(CaError::Store(StoreError::Corrupt(format!(
-                                "recording failed: {msg}"
-                            ))))
-                        })
-                    })
+                    .map(|r| r.and_then(|_| Err(CaError::Record(msg.clone()))))
                     .collect();
             }
-            let n = records.len() as u64;
             self.metrics.issued("x509", n, start.elapsed() / n.max(1) as u32);
         }
         results
@@ -441,8 +506,7 @@ impl Ca {
                     "internal"
                 })
             })?;
-        self.store
-            .record_issued(&[IssuedRecord {
+        self.record(vec![IssuedRecord {
                 serial: minted.jti.clone(),
                 spiffe_id: spiffe_id.to_string(),
                 kind: KeyKind::Jwt,
@@ -451,7 +515,7 @@ impl Ca {
                 signing_key_id: kid,
                 requested_by: requested_by.to_owned(),
             }])
-            .await?;
+        .await?;
         self.metrics.issued("jwt", 1, start.elapsed());
         Ok(minted)
     }
@@ -483,8 +547,7 @@ impl Ca {
         let (svid, key_id) = self
             .authority
             .sign_x509(&csr, &agent_id, &[], self.defaults.agent_ttl, now)?;
-        self.store
-            .record_issued(&[IssuedRecord {
+        self.record(vec![IssuedRecord {
                 serial: svid.serial.clone(),
                 spiffe_id: jt.agent_spiffe_id.clone(),
                 kind: KeyKind::X509,
@@ -493,7 +556,7 @@ impl Ca {
                 signing_key_id: key_id,
                 requested_by: "join_token".into(),
             }])
-            .await?;
+        .await?;
         self.store
             .upsert_node(&NodeRecord {
                 spiffe_id: jt.agent_spiffe_id.clone(),
