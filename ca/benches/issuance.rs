@@ -106,7 +106,11 @@ async fn run(n: usize) {
     for t in tasks {
         t.await.unwrap();
     }
-    report("X.509-SVID, 1 CSR per request, 64 in flight", per * 64, t.elapsed());
+    report(
+        "X.509-SVID, 1 CSR per request, 64 in flight",
+        per * 64,
+        t.elapsed(),
+    );
 
     // Batches of 100 CSRs, as an agent renewing many workloads sends them (one transaction per batch).
     let t = Instant::now();

@@ -507,14 +507,14 @@ impl Ca {
                 })
             })?;
         self.record(vec![IssuedRecord {
-                serial: minted.jti.clone(),
-                spiffe_id: spiffe_id.to_string(),
-                kind: KeyKind::Jwt,
-                issued_at: now,
-                not_after: minted.expires_at,
-                signing_key_id: kid,
-                requested_by: requested_by.to_owned(),
-            }])
+            serial: minted.jti.clone(),
+            spiffe_id: spiffe_id.to_string(),
+            kind: KeyKind::Jwt,
+            issued_at: now,
+            not_after: minted.expires_at,
+            signing_key_id: kid,
+            requested_by: requested_by.to_owned(),
+        }])
         .await?;
         self.metrics.issued("jwt", 1, start.elapsed());
         Ok(minted)
@@ -548,14 +548,14 @@ impl Ca {
             .authority
             .sign_x509(&csr, &agent_id, &[], self.defaults.agent_ttl, now)?;
         self.record(vec![IssuedRecord {
-                serial: svid.serial.clone(),
-                spiffe_id: jt.agent_spiffe_id.clone(),
-                kind: KeyKind::X509,
-                issued_at: now,
-                not_after: svid.not_after,
-                signing_key_id: key_id,
-                requested_by: "join_token".into(),
-            }])
+            serial: svid.serial.clone(),
+            spiffe_id: jt.agent_spiffe_id.clone(),
+            kind: KeyKind::X509,
+            issued_at: now,
+            not_after: svid.not_after,
+            signing_key_id: key_id,
+            requested_by: "join_token".into(),
+        }])
         .await?;
         self.store
             .upsert_node(&NodeRecord {
