@@ -2,7 +2,7 @@
 //! `protoc`, then generates tonic client and server code from the resulting descriptors.
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let files = ["proto/agent.proto", "proto/admin.proto"];
+    let files = ["proto/agent.proto", "proto/admin.proto", "proto/workload.proto"];
     for f in files {
         println!("cargo:rerun-if-changed={f}");
     }

@@ -16,5 +16,6 @@ pub mod selector;
 
 pub use selector::{selector_set_key, Selector, SelectorError};
 pub mod bundle;
+pub mod jwt;
 pub mod spiffe_id;
 pub mod tls;

@@ -292,6 +292,14 @@ impl RotatingCert {
         Ok(())
     }
 
+    /// Installs a new chain whose private key lives behind an `hsm` [`trustline_hsm::Signer`] (software,
+    /// TPM or PKCS#11: the key never has to leave its backend).
+    pub fn set_signer(&self, chain: Vec<Vec<u8>>, signer: Arc<dyn trustline_hsm::Signer>) {
+        let chain: Vec<CertificateDer<'static>> = chain.into_iter().map(CertificateDer::from).collect();
+        let ck = Arc::new(CertifiedKey::new(chain, Arc::new(HsmSigningKey(signer))));
+        *self.current.write().unwrap_or_else(|p| p.into_inner()) = Some(ck);
+    }
+
     /// The current certificate, if any.
     pub fn get(&self) -> Option<Arc<CertifiedKey>> {
         self.current.read().unwrap_or_else(|p| p.into_inner()).clone()
@@ -485,4 +493,60 @@ pub fn client_config(
     cfg.alpn_protocols = vec![b"h2".to_vec()];
     cfg.enable_sni = false;
     Ok(cfg)
+}
+
+/// rustls signing over an `hsm` signer.
+#[derive(Debug)]
+struct HsmSigningKey(Arc<dyn trustline_hsm::Signer>);
+
+#[derive(Debug)]
+struct HsmTlsSigner {
+    key: Arc<dyn trustline_hsm::Signer>,
+    alg: trustline_hsm::SignatureAlgorithm,
+    scheme: SignatureScheme,
+}
+
+impl rustls::sign::SigningKey for HsmSigningKey {
+    fn choose_scheme(&self, offered: &[SignatureScheme]) -> Option<Box<dyn rustls::sign::Signer>> {
+        use trustline_hsm::{KeyType, SignatureAlgorithm as A};
+        let candidates: &[(SignatureScheme, A)] = match self.0.key_type() {
+            KeyType::EcP256 => &[(SignatureScheme::ECDSA_NISTP256_SHA256, A::EcdsaP256Sha256)],
+            KeyType::EcP384 => &[(SignatureScheme::ECDSA_NISTP384_SHA384, A::EcdsaP384Sha384)],
+            KeyType::Ed25519 => &[(SignatureScheme::ED25519, A::Ed25519)],
+            // TLS 1.3 allows only RSA-PSS for RSA keys.
+            _ => &[(SignatureScheme::RSA_PSS_SHA256, A::RsaPssSha256)],
+        };
+        candidates
+            .iter()
+            .find(|(s, _)| offered.contains(s))
+            .map(|&(scheme, alg)| {
+                Box::new(HsmTlsSigner {
+                    key: self.0.clone(),
+                    alg,
+                    scheme,
+                }) as Box<dyn rustls::sign::Signer>
+            })
+    }
+
+    fn algorithm(&self) -> rustls::SignatureAlgorithm {
+        match self.0.key_type() {
+            trustline_hsm::KeyType::EcP256 | trustline_hsm::KeyType::EcP384 => {
+                rustls::SignatureAlgorithm::ECDSA
+            }
+            trustline_hsm::KeyType::Ed25519 => rustls::SignatureAlgorithm::ED25519,
+            _ => rustls::SignatureAlgorithm::RSA,
+        }
+    }
+}
+
+impl rustls::sign::Signer for HsmTlsSigner {
+    fn sign(&self, message: &[u8]) -> Result<Vec<u8>, rustls::Error> {
+        self.key
+            .sign(self.alg, message)
+            .map_err(|e| rustls::Error::General(format!("key backend: {e}")))
+    }
+
+    fn scheme(&self) -> SignatureScheme {
+        self.scheme
+    }
 }

@@ -4,6 +4,8 @@
 //!   authorized entries, sign workload CSRs, mint JWT-SVIDs, watch bundle and entry changes).
 //! - [`admin`]: the CA's admin API, served on a Unix socket only and guarded by the caller's uid.
 //!
+//! - [`workload`]: the standard SPIFFE Workload API, served by the identity agent.
+//!
 //! This crate holds generated code only; conversions to domain types happen at the edges (in `ca`, the agent).
 
 #![forbid(unsafe_code)]
@@ -26,6 +28,12 @@ pub mod trustline {
             tonic::include_proto!("trustline.admin.v1");
         }
     }
+}
+
+/// The SPIFFE Workload API (`SpiffeWorkloadAPI`, empty protobuf package, as the standard defines it).
+pub mod workload {
+    #![allow(missing_docs, clippy::all)]
+    tonic::include_proto!("_");
 }
 
 pub use trustline::admin::v1 as admin;

@@ -1,0 +1,893 @@
+//! The agent's core: its own identity, the live view of what its node may issue, and the workload SVID cache.
+//!
+//! - **Own identity.** First start: a one-time join token and a CSR for a key generated in the key store; the
+//!   agent SVID is kept on disk with its key *sealed* (`hsm`), so a restart re-uses it without a new token. It is
+//!   renewed at `svid.rotate_fraction` of its lifetime over mutual TLS.
+//! - **Sync.** A `WatchUpdates` stream from the CA pushes this node's entries and the bundle whenever they change
+//!   (no periodic full re-sync). On a broken stream the agent reconnects with backoff and keeps serving.
+//! - **Workload SVIDs.** Minted only when a workload asks (or listed in `svid.prewarm`), each with a fresh key made
+//!   here (the CA sees only a CSR), cached up to `svid.cache_max` entries (least recently used dropped), renewed
+//!   before expiry, and served from cache while the CA is unreachable until they expire.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use base64::engine::general_purpose::STANDARD;
+use base64::Engine as _;
+use tokio::sync::watch;
+use trustline_hsm::{KeyRef, KeyStore, KeyType, SoftwareKeyStore};
+use trustline_identity::bundle::{certs_from_pem, JwkSet};
+use trustline_identity::spiffe_id::{ca_server_id, SpiffeId, TrustDomain};
+use trustline_identity::tls::{client_config, ExpectedPeer, RotatingCert, SpiffeServerVerifier, TrustBundle};
+use trustline_identity::Selector;
+use trustline_proto::agent as pb;
+use trustline_proto::agent::agent_client::AgentClient;
+use zeroize::Zeroizing;
+
+use crate::config::Validated;
+
+/// What went wrong; messages say what to do where the operator must act.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum AgentError {
+    /// No valid agent SVID and no join token.
+    #[error("{0}")]
+    NeedJoinToken(String),
+    /// The CA refused or failed a call.
+    #[error("CA: {0}")]
+    Ca(String),
+    /// The CA cannot be reached and nothing usable is cached.
+    #[error("CA unreachable and no valid SVID cached: {0}")]
+    CaUnavailable(String),
+    /// No entry for the caller.
+    #[error("no identity issued")]
+    NoIdentity,
+    /// Key custody.
+    #[error("keys: {0}")]
+    Keys(#[from] trustline_hsm::HsmError),
+    /// Local file problem.
+    #[error("{path}: {reason}")]
+    File {
+        /// File.
+        path: PathBuf,
+        /// Why.
+        reason: String,
+    },
+    /// TLS setup.
+    #[error("TLS: {0}")]
+    Tls(#[from] trustline_identity::tls::TlsError),
+    /// Bad data from the CA.
+    #[error("CA sent unusable data: {0}")]
+    Protocol(String),
+}
+
+fn file_err(path: &std::path::Path, reason: impl ToString) -> AgentError {
+    AgentError::File {
+        path: path.to_owned(),
+        reason: reason.to_string(),
+    }
+}
+
+/// Unix seconds now.
+pub fn now_unix() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}
+
+/// A registration entry this node may issue.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Entry {
+    /// Entry id.
+    pub id: String,
+    /// SPIFFE ID.
+    pub spiffe_id: SpiffeId,
+    /// Selectors.
+    pub selectors: Vec<Selector>,
+    /// DNS names.
+    pub dns_names: Vec<String>,
+}
+
+/// The live view from the CA.
+#[derive(Debug, Clone, Default)]
+pub struct Snapshot {
+    /// Entries of this node.
+    pub entries: Vec<Entry>,
+    /// X.509 roots.
+    pub roots: Vec<Vec<u8>>,
+    /// JWT bundle (the whole SPIFFE bundle; JWT keys are those with use jwt-svid).
+    pub jwks: Option<JwkSet>,
+    /// CA's entries revision.
+    pub revision: i64,
+    /// Bundle sequence.
+    pub bundle_sequence: i64,
+    /// Whether the push stream is up.
+    pub connected: bool,
+}
+
+/// A workload X.509-SVID with its key (held in memory only).
+#[derive(Clone)]
+pub struct X509Svid {
+    /// Entry it was minted for.
+    pub entry_id: String,
+    /// SPIFFE ID.
+    pub spiffe_id: String,
+    /// DER chain, leaf first.
+    pub chain: Vec<Vec<u8>>,
+    /// PKCS#8 DER private key.
+    pub key: Arc<Zeroizing<Vec<u8>>>,
+    /// Validity.
+    pub not_before: i64,
+    /// Validity.
+    pub not_after: i64,
+}
+
+impl std::fmt::Debug for X509Svid {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("X509Svid")
+            .field("spiffe_id", &self.spiffe_id)
+            .field("not_after", &self.not_after)
+            .finish()
+    }
+}
+
+struct CachedX509 {
+    svid: X509Svid,
+    last_used: Instant,
+}
+
+#[derive(Clone)]
+struct CachedJwt {
+    token: String,
+    issued_at: i64,
+    expires_at: i64,
+    last_used: Instant,
+}
+
+/// A minted JWT-SVID.
+#[derive(Debug, Clone)]
+pub struct JwtSvid {
+    /// SPIFFE ID.
+    pub spiffe_id: String,
+    /// Compact JWS.
+    pub token: String,
+    /// Expiry.
+    pub expires_at: i64,
+}
+
+#[derive(serde::Serialize, serde::Deserialize)]
+struct Persisted {
+    spiffe_id: String,
+    chain: Vec<String>,
+    key_ref: String,
+}
+
+/// The agent.
+pub struct Agent {
+    cfg: Validated,
+    keys: KeyStore,
+    ca_bundle: TrustBundle,
+    cert: Arc<RotatingCert>,
+    client: AgentClient<tonic::transport::Channel>,
+    identity: RwLock<Option<(String, i64, i64)>>,
+    state: watch::Sender<Arc<Snapshot>>,
+    generation: watch::Sender<u64>,
+    x509: Mutex<HashMap<String, CachedX509>>,
+    jwt: Mutex<HashMap<(String, String), CachedJwt>>,
+    /// Workload attestation.
+    pub attestor: crate::attest::Attestor,
+    /// Metrics.
+    pub metrics: Arc<crate::metrics::Metrics>,
+}
+
+fn open_keystore(cfg: &Validated) -> Result<KeyStore, AgentError> {
+    let k = &cfg.raw.keys;
+    let store = if let Some(p) = &k.passphrase_file {
+        let text = std::fs::read_to_string(p).map_err(|e| file_err(p, e))?;
+        SoftwareKeyStore::from_passphrase(text.lines().next().unwrap_or(""))?
+    } else {
+        let p = k
+            .key_file
+            .clone()
+            .unwrap_or_else(|| cfg.raw.data_dir.join("agent-seal.key"));
+        if !p.exists() {
+            SoftwareKeyStore::create_key_file(&p)?;
+        }
+        SoftwareKeyStore::from_key_file(&p)?
+    };
+    Ok(KeyStore::Software(store))
+}
+
+fn connector(
+    addr: std::net::SocketAddr,
+    tls: Arc<rustls::ClientConfig>,
+) -> Result<tonic::transport::Channel, AgentError> {
+    let tls = tokio_rustls::TlsConnector::from(tls);
+    let ep = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+        .map_err(|e| AgentError::Ca(e.to_string()))?
+        .connect_timeout(Duration::from_secs(5))
+        .http2_keep_alive_interval(Duration::from_secs(20))
+        .keep_alive_timeout(Duration::from_secs(10));
+    Ok(
+        ep.connect_with_connector_lazy(tower::service_fn(move |_: tonic::transport::Uri| {
+            let tls = tls.clone();
+            async move {
+                let tcp = tokio::net::TcpStream::connect(addr).await?;
+                let _ = tcp.set_nodelay(true);
+                let name = rustls::pki_types::ServerName::try_from("trustline-ca")
+                    .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
+                let s = tls.connect(name, tcp).await?;
+                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(s))
+            }
+        })),
+    )
+}
+
+fn status_msg(s: &tonic::Status) -> String {
+    format!("{:?}: {}", s.code(), s.message())
+}
+
+fn entry_from_pb(e: &pb::Entry) -> Option<Entry> {
+    let spiffe_id = SpiffeId::new(&e.spiffe_id).ok()?;
+    let selectors = e
+        .selectors
+        .iter()
+        .map(|s| Selector::new(&s.r#type, &s.value))
+        .collect::<Result<Vec<_>, _>>()
+        .ok()?;
+    Some(Entry {
+        id: e.id.clone(),
+        spiffe_id,
+        selectors,
+        dns_names: e.dns_names.clone(),
+    })
+}
+
+fn cert_validity(der: &[u8]) -> Result<(i64, i64), AgentError> {
+    let (_, c) = x509_parser::parse_x509_certificate(der).map_err(|e| AgentError::Protocol(e.to_string()))?;
+    Ok((
+        c.validity().not_before.timestamp(),
+        c.validity().not_after.timestamp(),
+    ))
+}
+
+/// A fresh P-256 key and a CSR for `uris` / `dns` (the key never leaves this process).
+fn key_and_csr(uris: &[&str], dns: &[String]) -> Result<(Zeroizing<Vec<u8>>, Vec<u8>), AgentError> {
+    let key = rcgen::KeyPair::generate().map_err(|e| AgentError::Protocol(e.to_string()))?;
+    let mut params = rcgen::CertificateParams::new(Vec::<String>::new())
+        .map_err(|e| AgentError::Protocol(e.to_string()))?;
+    for u in uris {
+        params.subject_alt_names.push(rcgen::SanType::URI(
+            (*u).try_into()
+                .map_err(|e: rcgen::Error| AgentError::Protocol(e.to_string()))?,
+        ));
+    }
+    for d in dns {
+        params.subject_alt_names.push(rcgen::SanType::DnsName(
+            d.clone()
+                .try_into()
+                .map_err(|e: rcgen::Error| AgentError::Protocol(e.to_string()))?,
+        ));
+    }
+    let csr = params
+        .serialize_request(&key)
+        .map_err(|e| AgentError::Protocol(e.to_string()))?;
+    Ok((Zeroizing::new(key.serialize_der()), csr.der().to_vec()))
+}
+
+impl Agent {
+    /// Loads or obtains the agent's identity and returns the agent, ready to serve (tasks not yet started).
+    pub async fn start(cfg: Validated, join_token: Option<String>) -> Result<Arc<Self>, AgentError> {
+        let dir = &cfg.raw.data_dir;
+        if !dir.exists() {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::create_dir_all(dir).map_err(|e| file_err(dir, e))?;
+            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+                .map_err(|e| file_err(dir, e))?;
+        }
+        let keys = open_keystore(&cfg)?;
+        let pem_text =
+            std::fs::read_to_string(&cfg.raw.trust_bundle).map_err(|e| file_err(&cfg.raw.trust_bundle, e))?;
+        let roots = certs_from_pem(&pem_text).map_err(|e| file_err(&cfg.raw.trust_bundle, e))?;
+        let ca_bundle = TrustBundle::new(cfg.trust_domain.clone(), &roots)?;
+        let ca_id = SpiffeId::new(ca_server_id(&cfg.trust_domain))
+            .map_err(|e| AgentError::Protocol(e.to_string()))?;
+        let verifier = Arc::new(SpiffeServerVerifier::new(
+            ca_bundle.clone(),
+            ExpectedPeer::OneOf(vec![ca_id]),
+        ));
+        let cert = Arc::new(RotatingCert::default());
+        let mtls = Arc::new(client_config(verifier.clone(), Some(cert.clone()))?);
+        let client = AgentClient::new(connector(cfg.raw.ca_address, mtls)?);
+        let (state, _) = watch::channel(Arc::new(Snapshot {
+            roots: roots.clone(),
+            ..Snapshot::default()
+        }));
+        let (generation, _) = watch::channel(0);
+        let agent = Arc::new(Self {
+            cfg,
+            keys,
+            ca_bundle,
+            cert,
+            client,
+            identity: RwLock::new(None),
+            state,
+            generation,
+            x509: Mutex::new(HashMap::new()),
+            jwt: Mutex::new(HashMap::new()),
+            attestor: crate::attest::Attestor::default(),
+            metrics: crate::metrics::Metrics::new(),
+        });
+        let now = now_unix();
+        match agent.load_persisted()? {
+            Some((id, not_after)) if not_after > now + 5 => {
+                tracing::info!(agent_id = %id, expires = not_after, "re-using the stored agent SVID (no join token needed)");
+            }
+            stored => {
+                let token = join_token.filter(|t| !t.is_empty()).ok_or_else(|| {
+                    AgentError::NeedJoinToken(match stored {
+                        Some((id, exp)) => format!(
+                            "the stored agent SVID for {id} expired at {exp} and cannot be renewed: generate a new token with `trustline-ca token generate --spiffe-id {id}` and start the agent with --join-token"
+                        ),
+                        None => "this node has not attested yet: generate a token with `trustline-ca token generate` and start the agent with --join-token (or TRUSTLINE_JOIN_TOKEN)".to_owned(),
+                    })
+                })?;
+                let anon = Arc::new(client_config(verifier, None)?);
+                agent.attest(&token, anon).await?;
+            }
+        }
+        Ok(agent)
+    }
+
+    fn state_path(&self) -> PathBuf {
+        self.cfg.raw.data_dir.join("agent-svid.json")
+    }
+
+    fn load_persisted(&self) -> Result<Option<(String, i64)>, AgentError> {
+        let path = self.state_path();
+        let text = match std::fs::read_to_string(&path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(file_err(&path, e)),
+        };
+        let p: Persisted = serde_json::from_str(&text).map_err(|e| file_err(&path, e))?;
+        let chain = p
+            .chain
+            .iter()
+            .map(|c| STANDARD.decode(c))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| file_err(&path, e))?;
+        let leaf = chain
+            .first()
+            .ok_or_else(|| file_err(&path, "empty certificate chain"))?;
+        let (nb, na) = cert_validity(leaf)?;
+        if na > now_unix() {
+            let signer = self.keys.load(&KeyRef::new(p.key_ref))?;
+            self.cert.set_signer(chain, signer);
+            *self.identity.write().unwrap_or_else(|e| e.into_inner()) = Some((p.spiffe_id.clone(), nb, na));
+        }
+        Ok(Some((p.spiffe_id, na)))
+    }
+
+    fn persist(&self, id: &str, chain: &[Vec<u8>], key_ref: &KeyRef) -> Result<(), AgentError> {
+        use std::io::Write;
+        use std::os::unix::fs::OpenOptionsExt;
+        let path = self.state_path();
+        let tmp = path.with_extension("json.tmp");
+        let p = Persisted {
+            spiffe_id: id.to_owned(),
+            chain: chain.iter().map(|c| STANDARD.encode(c)).collect(),
+            key_ref: key_ref.as_str().to_owned(),
+        };
+        let body = serde_json::to_vec(&p).map_err(|e| file_err(&path, e))?;
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&tmp)
+            .map_err(|e| file_err(&tmp, e))?;
+        f.write_all(&body)
+            .and_then(|_| f.sync_all())
+            .map_err(|e| file_err(&tmp, e))?;
+        std::fs::rename(&tmp, &path).map_err(|e| file_err(&path, e))
+    }
+
+    fn install(
+        &self,
+        svid: &pb::X509svid,
+        signer: Arc<dyn trustline_hsm::Signer>,
+        key_ref: &KeyRef,
+    ) -> Result<(), AgentError> {
+        let leaf = svid
+            .cert_chain
+            .first()
+            .ok_or_else(|| AgentError::Protocol("empty agent SVID".into()))?;
+        let (nb, na) = cert_validity(leaf)?;
+        self.persist(&svid.spiffe_id, &svid.cert_chain, key_ref)?;
+        self.cert.set_signer(svid.cert_chain.clone(), signer);
+        *self.identity.write().unwrap_or_else(|e| e.into_inner()) = Some((svid.spiffe_id.clone(), nb, na));
+        Ok(())
+    }
+
+    async fn attest(&self, token: &str, anon: Arc<rustls::ClientConfig>) -> Result<(), AgentError> {
+        let (signer, key_ref) = self.keys.generate(KeyType::EcP256)?;
+        let csr = csr_for_signer(&signer)?;
+        let mut c = AgentClient::new(connector(self.cfg.raw.ca_address, anon)?);
+        let resp = c
+            .attest_agent(pb::AttestAgentRequest {
+                join_token: token.to_owned(),
+                csr,
+            })
+            .await
+            .map_err(|s| AgentError::Ca(format!("attestation refused: {}", status_msg(&s))))?
+            .into_inner();
+        let svid = resp
+            .svid
+            .ok_or_else(|| AgentError::Protocol("no SVID in attestation response".into()))?;
+        if let Some(b) = resp.bundle {
+            self.apply_bundle(&b)?;
+        }
+        self.install(&svid, signer, &key_ref)?;
+        tracing::info!(agent_id = %svid.spiffe_id, "node attested with join token");
+        Ok(())
+    }
+
+    /// The agent's SPIFFE ID and SVID validity.
+    pub fn identity(&self) -> Option<(String, i64, i64)> {
+        self.identity.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// The current snapshot.
+    pub fn snapshot(&self) -> Arc<Snapshot> {
+        self.state.borrow().clone()
+    }
+
+    /// Sees every change a workload may care about (entries, bundle, rotated SVIDs).
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.generation.subscribe()
+    }
+
+    fn bump(&self) {
+        self.generation.send_modify(|g| *g += 1);
+    }
+
+    /// The trust domain.
+    pub fn trust_domain(&self) -> &TrustDomain {
+        &self.cfg.trust_domain
+    }
+
+    fn apply_bundle(&self, b: &pb::Bundle) -> Result<(), AgentError> {
+        let jwks = JwkSet::parse(&b.jwks).map_err(|e| AgentError::Protocol(e.to_string()))?;
+        self.ca_bundle.update(&b.x509_authorities)?;
+        self.state.send_modify(|s| {
+            let mut n = (**s).clone();
+            n.roots = b.x509_authorities.clone();
+            n.jwks = Some(jwks);
+            n.bundle_sequence = b.sequence;
+            *s = Arc::new(n);
+        });
+        Ok(())
+    }
+
+    /// Spawns the background tasks (agent SVID renewal, sync stream, workload SVID rotation).
+    pub fn spawn_tasks(self: &Arc<Self>) {
+        let a = self.clone();
+        tokio::spawn(async move { a.renew_loop().await });
+        let a = self.clone();
+        tokio::spawn(async move { a.sync_loop().await });
+        let a = self.clone();
+        tokio::spawn(async move { a.rotate_loop().await });
+    }
+
+    async fn renew_loop(self: Arc<Self>) {
+        let mut backoff = Duration::from_secs(1);
+        loop {
+            let Some((id, nb, na)) = self.identity() else {
+                return;
+            };
+            let at = self.cfg.renew_at(nb, na);
+            let wait = (at - now_unix()).max(0) as u64;
+            tokio::time::sleep(Duration::from_secs(wait)).await;
+            match self.renew_agent(&id).await {
+                Ok(()) => backoff = Duration::from_secs(1),
+                Err(e) => {
+                    let left = na - now_unix();
+                    if left <= 0 {
+                        tracing::error!(error = %e, agent_id = %id, "agent SVID expired and could not be renewed: restart the agent with a new join token (`trustline-ca token generate --spiffe-id {id}`)");
+                    } else {
+                        tracing::warn!(error = %e, seconds_left = left, "agent SVID renewal failed; retrying");
+                    }
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(30));
+                }
+            }
+        }
+    }
+
+    async fn renew_agent(&self, id: &str) -> Result<(), AgentError> {
+        let (signer, key_ref) = self.keys.generate(KeyType::EcP256)?;
+        let csr = csr_for_signer(&signer)?;
+        let _ = id;
+        let svid = self
+            .client
+            .clone()
+            .renew_agent(pb::RenewAgentRequest { csr })
+            .await
+            .map_err(|s| AgentError::Ca(status_msg(&s)))?
+            .into_inner()
+            .svid
+            .ok_or_else(|| AgentError::Protocol("no SVID in renewal".into()))?;
+        self.install(&svid, signer, &key_ref)?;
+        tracing::info!(agent_id = %svid.spiffe_id, serial = %svid.serial, "agent SVID renewed");
+        Ok(())
+    }
+
+    async fn sync_loop(self: Arc<Self>) {
+        let mut backoff = Duration::from_millis(200);
+        loop {
+            match self
+                .client
+                .clone()
+                .watch_updates(pb::WatchUpdatesRequest {})
+                .await
+            {
+                Ok(resp) => {
+                    let mut stream = resp.into_inner();
+                    loop {
+                        match stream.message().await {
+                            Ok(Some(update)) => {
+                                backoff = Duration::from_millis(200);
+                                self.apply_update(update);
+                            }
+                            Ok(None) => break,
+                            Err(s) => {
+                                tracing::warn!(error = %status_msg(&s), "CA update stream broke");
+                                break;
+                            }
+                        }
+                    }
+                }
+                Err(s) => tracing::warn!(error = %status_msg(&s), "cannot reach the CA; serving from cache"),
+            }
+            self.set_connected(false);
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(Duration::from_secs(15));
+        }
+    }
+
+    fn set_connected(&self, up: bool) {
+        self.state.send_if_modified(|s| {
+            if s.connected == up {
+                return false;
+            }
+            let mut n = (**s).clone();
+            n.connected = up;
+            *s = Arc::new(n);
+            true
+        });
+        self.metrics.set_connected(up);
+    }
+
+    fn apply_update(&self, u: pb::WatchUpdatesResponse) {
+        if let Some(b) = &u.bundle {
+            if let Err(e) = self.apply_bundle(b) {
+                tracing::error!(error = %e, "ignoring an unusable bundle from the CA");
+            }
+        }
+        let entries: Vec<Entry> = u.entries.iter().filter_map(entry_from_pb).collect();
+        self.state.send_modify(|s| {
+            let mut n = (**s).clone();
+            n.entries = entries;
+            n.revision = u.revision;
+            n.connected = true;
+            *s = Arc::new(n);
+        });
+        self.metrics.set_connected(true);
+        // Drop cached SVIDs of entries that are gone or changed.
+        let snap = self.snapshot();
+        self.x509
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .retain(|id, c| {
+                snap.entries
+                    .iter()
+                    .any(|e| &e.id == id && e.spiffe_id.to_string() == c.svid.spiffe_id)
+            });
+        self.jwt
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .retain(|(id, _), _| snap.entries.iter().any(|e| &e.id == id));
+        tracing::debug!(
+            entries = snap.entries.len(),
+            revision = u.revision,
+            "applied CA update"
+        );
+        self.bump();
+    }
+
+    async fn rotate_loop(self: Arc<Self>) {
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            let now = now_unix();
+            let due: Vec<String> = self
+                .x509
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .iter()
+                .filter(|(_, c)| now >= self.cfg.renew_at(c.svid.not_before, c.svid.not_after))
+                .map(|(id, _)| id.clone())
+                .collect();
+            let prewarm: Vec<String> = if self.cfg.raw.svid.prewarm.is_empty() {
+                Vec::new()
+            } else {
+                let cached = self
+                    .x509
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .keys()
+                    .cloned()
+                    .collect::<Vec<_>>();
+                self.snapshot()
+                    .entries
+                    .iter()
+                    .filter(|e| {
+                        self.cfg.raw.svid.prewarm.contains(&e.spiffe_id.to_string())
+                            && !cached.contains(&e.id)
+                    })
+                    .map(|e| e.id.clone())
+                    .collect()
+            };
+            let all: Vec<String> = due.into_iter().chain(prewarm).collect();
+            if all.is_empty() {
+                continue;
+            }
+            match self.mint_x509(&all).await {
+                Ok(n) if n > 0 => {
+                    tracing::info!(count = n, "workload X.509-SVIDs rotated");
+                    self.bump();
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    let expired: usize = self
+                        .x509
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .values()
+                        .filter(|c| c.svid.not_after <= now)
+                        .count();
+                    tracing::warn!(error = %e, expired, "cannot renew workload SVIDs; serving cached ones until they expire");
+                }
+            }
+        }
+    }
+
+    /// Mints X.509-SVIDs for `entry_ids` in one batch and caches them. Returns how many were minted.
+    async fn mint_x509(&self, entry_ids: &[String]) -> Result<usize, AgentError> {
+        let snap = self.snapshot();
+        let mut params = Vec::new();
+        let mut keys = Vec::new();
+        for id in entry_ids {
+            let Some(e) = snap.entries.iter().find(|e| &e.id == id) else {
+                continue;
+            };
+            let sid = e.spiffe_id.to_string();
+            let (key, csr) = key_and_csr(&[&sid], &e.dns_names)?;
+            params.push(pb::NewX509svidParams {
+                entry_id: id.clone(),
+                csr,
+            });
+            keys.push((id.clone(), key));
+        }
+        if params.is_empty() {
+            return Ok(0);
+        }
+        let started = Instant::now();
+        let resp = self
+            .client
+            .clone()
+            .batch_new_x509svid(pb::BatchNewX509svidRequest { params })
+            .await
+            .map_err(|s| AgentError::Ca(status_msg(&s)))?
+            .into_inner();
+        let mut n = 0;
+        let mut cache = self.x509.lock().unwrap_or_else(|e| e.into_inner());
+        for ((id, key), r) in keys.into_iter().zip(resp.results) {
+            match r.result {
+                Some(pb::x509svid_result::Result::Svid(s)) => {
+                    let Some(leaf) = s.cert_chain.first() else {
+                        continue;
+                    };
+                    let (nb, na) = cert_validity(leaf)?;
+                    cache.insert(
+                        id.clone(),
+                        CachedX509 {
+                            svid: X509Svid {
+                                entry_id: id,
+                                spiffe_id: s.spiffe_id,
+                                chain: s.cert_chain,
+                                key: Arc::new(key),
+                                not_before: nb,
+                                not_after: na,
+                            },
+                            last_used: Instant::now(),
+                        },
+                    );
+                    n += 1;
+                }
+                Some(pb::x509svid_result::Result::Error(e)) => {
+                    tracing::warn!(entry_id = %id, error = %e, "CA refused a workload CSR");
+                }
+                None => {}
+            }
+        }
+        // Bound the cache: drop the least recently used.
+        let max = self.cfg.raw.svid.cache_max;
+        if cache.len() > max {
+            let mut by_age: Vec<(String, Instant)> =
+                cache.iter().map(|(k, v)| (k.clone(), v.last_used)).collect();
+            by_age.sort_by_key(|(_, t)| *t);
+            for (k, _) in by_age.into_iter().take(cache.len() - max) {
+                cache.remove(&k);
+            }
+        }
+        self.metrics.x509_minted(n as u64, started.elapsed());
+        self.metrics.set_cached(cache.len() as i64);
+        Ok(n)
+    }
+
+    /// Entries matching `selectors`.
+    pub fn entries_for(&self, selectors: &[Selector]) -> Vec<Entry> {
+        self.snapshot()
+            .entries
+            .iter()
+            .filter(|e| crate::attest::matches(&e.selectors, selectors))
+            .cloned()
+            .collect()
+    }
+
+    /// X.509-SVIDs for `entries`, minting what is missing. Cached SVIDs are served while still valid even when the
+    /// CA is unreachable.
+    pub async fn x509_svids(&self, entries: &[Entry]) -> Result<Vec<X509Svid>, AgentError> {
+        let now = now_unix();
+        let missing: Vec<String> = {
+            let cache = self.x509.lock().unwrap_or_else(|e| e.into_inner());
+            entries
+                .iter()
+                .filter(|e| cache.get(&e.id).is_none_or(|c| c.svid.not_after <= now))
+                .map(|e| e.id.clone())
+                .collect()
+        };
+        if !missing.is_empty() {
+            if let Err(e) = self.mint_x509(&missing).await {
+                tracing::warn!(error = %e, "could not mint workload SVIDs");
+                let cache = self.x509.lock().unwrap_or_else(|e| e.into_inner());
+                if !entries
+                    .iter()
+                    .any(|e| cache.get(&e.id).is_some_and(|c| c.svid.not_after > now))
+                {
+                    return Err(AgentError::CaUnavailable(e.to_string()));
+                }
+            }
+        }
+        let mut cache = self.x509.lock().unwrap_or_else(|e| e.into_inner());
+        let mut out = Vec::with_capacity(entries.len());
+        for e in entries {
+            if let Some(c) = cache.get_mut(&e.id) {
+                if c.svid.not_after > now {
+                    c.last_used = Instant::now();
+                    out.push(c.svid.clone());
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// A JWT-SVID for `entry` and `audience`, from cache while more than half its life remains.
+    pub async fn jwt_svid(&self, entry: &Entry, audience: &[String]) -> Result<JwtSvid, AgentError> {
+        let mut aud = audience.to_vec();
+        aud.sort();
+        aud.dedup();
+        let key = (entry.id.clone(), aud.join("\n"));
+        let now = now_unix();
+        if let Some(c) = self.jwt.lock().unwrap_or_else(|e| e.into_inner()).get_mut(&key) {
+            if now < self.cfg.renew_at(c.issued_at, c.expires_at) {
+                c.last_used = Instant::now();
+                self.metrics.jwt_served(true);
+                return Ok(JwtSvid {
+                    spiffe_id: entry.spiffe_id.to_string(),
+                    token: c.token.clone(),
+                    expires_at: c.expires_at,
+                });
+            }
+        }
+        let resp = self
+            .client
+            .clone()
+            .new_jwtsvid(pb::NewJwtsvidRequest {
+                entry_id: entry.id.clone(),
+                audience: aud,
+            })
+            .await;
+        match resp {
+            Ok(r) => {
+                let r = r.into_inner();
+                let mut cache = self.jwt.lock().unwrap_or_else(|e| e.into_inner());
+                if cache.len() >= self.cfg.raw.svid.cache_max {
+                    if let Some(oldest) = cache
+                        .iter()
+                        .min_by_key(|(_, v)| v.last_used)
+                        .map(|(k, _)| k.clone())
+                    {
+                        cache.remove(&oldest);
+                    }
+                }
+                cache.insert(
+                    key,
+                    CachedJwt {
+                        token: r.token.clone(),
+                        issued_at: now,
+                        expires_at: r.expires_at,
+                        last_used: Instant::now(),
+                    },
+                );
+                self.metrics.jwt_served(false);
+                Ok(JwtSvid {
+                    spiffe_id: r.spiffe_id,
+                    token: r.token,
+                    expires_at: r.expires_at,
+                })
+            }
+            Err(s)
+                if s.code() == tonic::Code::InvalidArgument || s.code() == tonic::Code::PermissionDenied =>
+            {
+                Err(AgentError::Ca(s.message().to_owned()))
+            }
+            Err(s) => {
+                // CA unreachable: a cached token that has not expired is still good.
+                if let Some(c) = self.jwt.lock().unwrap_or_else(|e| e.into_inner()).get(&key) {
+                    if c.expires_at > now + 5 {
+                        tracing::warn!(error = %status_msg(&s), "CA unreachable; serving a cached JWT-SVID");
+                        return Ok(JwtSvid {
+                            spiffe_id: entry.spiffe_id.to_string(),
+                            token: c.token.clone(),
+                            expires_at: c.expires_at,
+                        });
+                    }
+                }
+                Err(AgentError::CaUnavailable(status_msg(&s)))
+            }
+        }
+    }
+}
+
+fn csr_for_signer(signer: &Arc<dyn trustline_hsm::Signer>) -> Result<Vec<u8>, AgentError> {
+    // rcgen builds and signs the CSR through the hsm signer, so the agent key never leaves the key store.
+    struct Remote(Arc<dyn trustline_hsm::Signer>);
+    impl rcgen::PublicKeyData for Remote {
+        fn der_bytes(&self) -> &[u8] {
+            self.0.public_key()
+        }
+        fn algorithm(&self) -> &'static rcgen::SignatureAlgorithm {
+            &rcgen::PKCS_ECDSA_P256_SHA256
+        }
+    }
+    impl rcgen::SigningKey for Remote {
+        fn sign(&self, msg: &[u8]) -> Result<Vec<u8>, rcgen::Error> {
+            self.0
+                .sign(trustline_hsm::SignatureAlgorithm::EcdsaP256Sha256, msg)
+                .map_err(|_| rcgen::Error::RemoteKeyError)
+        }
+    }
+    let params = rcgen::CertificateParams::new(Vec::<String>::new())
+        .map_err(|e| AgentError::Protocol(e.to_string()))?;
+    let csr = params
+        .serialize_request(&Remote(signer.clone()))
+        .map_err(|e| AgentError::Protocol(e.to_string()))?;
+    Ok(csr.der().to_vec())
+}

@@ -1,0 +1,243 @@
+//! Workload attestation from kernel facts.
+//!
+//! The caller's uid, gid and pid come from SO_PEERCRED on the Unix socket (the kernel fills them in; the caller
+//! cannot choose them). From the pid the agent reads `/proc/<pid>/exe` (the binary's path) and hashes that binary
+//! (cached by device, inode, size and mtime). User and group names come from `/etc/passwd` and `/etc/group`.
+//! To guard against pid reuse, the process start time is read before and after, and the uid is re-checked: if the
+//! process changed in between, attestation fails.
+
+use std::collections::HashMap;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use trustline_identity::Selector;
+
+/// Why a caller could not be attested.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum AttestError {
+    /// The connection carried no peer credentials.
+    #[error("no peer credentials on the connection")]
+    NoCredentials,
+    /// The process went away or was replaced while being attested.
+    #[error("process {pid} exited or was replaced during attestation")]
+    ProcessChanged {
+        /// The pid.
+        pid: i32,
+    },
+    /// /proc could not be read.
+    #[error("reading /proc/{pid}: {source}")]
+    Proc {
+        /// The pid.
+        pid: i32,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+}
+
+/// Kernel-reported credentials of a caller.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PeerCred {
+    /// User id.
+    pub uid: u32,
+    /// Group id.
+    pub gid: u32,
+    /// Process id (None when the kernel did not report one).
+    pub pid: Option<i32>,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+struct FileKey {
+    dev: u64,
+    ino: u64,
+    size: u64,
+    mtime: i64,
+    mtime_nsec: i64,
+}
+
+/// The attestor, with its binary-hash cache.
+#[derive(Default)]
+pub struct Attestor {
+    hashes: Mutex<HashMap<FileKey, String>>,
+}
+
+impl std::fmt::Debug for Attestor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Attestor")
+    }
+}
+
+const HASH_CACHE_MAX: usize = 4096;
+
+fn start_time(pid: i32) -> Result<u64, AttestError> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map_err(|source| AttestError::Proc { pid, source })?;
+    // Field 22 (starttime); the command name (field 2) may contain spaces, so count after the last ')'.
+    let after = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+    after
+        .split_whitespace()
+        .nth(19)
+        .and_then(|v| v.parse().ok())
+        .ok_or(AttestError::ProcessChanged { pid })
+}
+
+fn proc_uid(pid: i32) -> Result<u32, AttestError> {
+    let meta =
+        std::fs::metadata(format!("/proc/{pid}")).map_err(|source| AttestError::Proc { pid, source })?;
+    Ok(meta.uid())
+}
+
+fn name_of(file: &str, id: u32) -> Option<String> {
+    let text = std::fs::read_to_string(file).ok()?;
+    text.lines().find_map(|l| {
+        let mut parts = l.split(':');
+        let name = parts.next()?;
+        let _pw = parts.next()?;
+        let num: u32 = parts.next()?.parse().ok()?;
+        (num == id).then(|| name.to_owned())
+    })
+}
+
+impl Attestor {
+    /// Derives the selectors of the caller with credentials `cred`.
+    pub fn attest(&self, cred: PeerCred) -> Result<Vec<Selector>, AttestError> {
+        let mut out = Vec::with_capacity(6);
+        let push = |out: &mut Vec<Selector>, key: &str, v: &str| {
+            if let Ok(s) = Selector::new("unix", &format!("{key}:{v}")) {
+                out.push(s);
+            }
+        };
+        push(&mut out, "uid", &cred.uid.to_string());
+        push(&mut out, "gid", &cred.gid.to_string());
+        if let Some(u) = name_of("/etc/passwd", cred.uid) {
+            push(&mut out, "user", &u);
+        }
+        if let Some(g) = name_of("/etc/group", cred.gid) {
+            push(&mut out, "group", &g);
+        }
+        if let Some(pid) = cred.pid.filter(|p| *p > 0) {
+            let before = start_time(pid)?;
+            let exe = std::fs::read_link(format!("/proc/{pid}/exe"))
+                .map_err(|source| AttestError::Proc { pid, source })?;
+            let hash = self.hash_binary(pid, &exe)?;
+            // The same process must still be there, owned by the same uid.
+            if start_time(pid)? != before || proc_uid(pid)? != cred.uid {
+                return Err(AttestError::ProcessChanged { pid });
+            }
+            push(&mut out, "path", &exe.to_string_lossy());
+            if let Some(h) = hash {
+                push(&mut out, "sha256", &h);
+            }
+        }
+        out.sort();
+        Ok(out)
+    }
+
+    fn hash_binary(&self, pid: i32, exe: &Path) -> Result<Option<String>, AttestError> {
+        // Open through /proc so we hash the very file the process runs, even if its path was replaced.
+        let proc_exe = PathBuf::from(format!("/proc/{pid}/exe"));
+        let meta = match std::fs::metadata(&proc_exe) {
+            Ok(m) => m,
+            Err(_) => return Ok(None),
+        };
+        let key = FileKey {
+            dev: meta.dev(),
+            ino: meta.ino(),
+            size: meta.size(),
+            mtime: meta.mtime(),
+            mtime_nsec: meta.mtime_nsec(),
+        };
+        if let Some(h) = self.hashes.lock().unwrap_or_else(|p| p.into_inner()).get(&key) {
+            return Ok(Some(h.clone()));
+        }
+        let bytes = match std::fs::read(&proc_exe) {
+            Ok(b) => b,
+            Err(e) => {
+                tracing::debug!(exe = %exe.display(), error = %e, "cannot read binary for sha256 selector");
+                return Ok(None);
+            }
+        };
+        let digest = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, &bytes);
+        let hex: String = digest.as_ref().iter().map(|b| format!("{b:02x}")).collect();
+        let mut cache = self.hashes.lock().unwrap_or_else(|p| p.into_inner());
+        if cache.len() >= HASH_CACHE_MAX {
+            cache.clear();
+        }
+        cache.insert(key, hex.clone());
+        Ok(Some(hex))
+    }
+}
+
+/// Whether an entry with `entry_selectors` applies to a workload with `workload_selectors`: every selector of the
+/// entry must be among the workload's (SPIRE's semantics).
+pub fn matches(entry_selectors: &[Selector], workload_selectors: &[Selector]) -> bool {
+    !entry_selectors.is_empty() && entry_selectors.iter().all(|s| workload_selectors.contains(s))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn attests_this_process_from_proc() {
+        let a = Attestor::default();
+        let me = std::process::id() as i32;
+        let uid = std::fs::metadata("/proc/self").unwrap().uid();
+        let gid = std::fs::metadata("/proc/self").unwrap().gid();
+        let sel = a
+            .attest(PeerCred {
+                uid,
+                gid,
+                pid: Some(me),
+            })
+            .unwrap();
+        let text: Vec<String> = sel.iter().map(ToString::to_string).collect();
+        assert!(text.contains(&format!("unix:uid:{uid}")), "{text:?}");
+        let exe = std::fs::read_link("/proc/self/exe").unwrap();
+        assert!(text.contains(&format!("unix:path:{}", exe.display())), "{text:?}");
+        let bytes = std::fs::read(&exe).unwrap();
+        let d = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, &bytes);
+        let hex: String = d.as_ref().iter().map(|b| format!("{b:02x}")).collect();
+        assert!(text.contains(&format!("unix:sha256:{hex}")));
+        // Cached the second time, same answer.
+        assert_eq!(
+            a.attest(PeerCred {
+                uid,
+                gid,
+                pid: Some(me)
+            })
+            .unwrap(),
+            sel
+        );
+    }
+
+    #[test]
+    fn a_wrong_uid_for_the_pid_is_refused() {
+        let a = Attestor::default();
+        let me = std::process::id() as i32;
+        let uid = std::fs::metadata("/proc/self").unwrap().uid();
+        let err = a
+            .attest(PeerCred {
+                uid: uid.wrapping_add(1),
+                gid: 0,
+                pid: Some(me),
+            })
+            .unwrap_err();
+        assert!(matches!(err, AttestError::ProcessChanged { .. }));
+    }
+
+    #[test]
+    fn matching_needs_every_entry_selector() {
+        let s = |x: &str| x.parse::<Selector>().unwrap();
+        let w = vec![
+            s("unix:uid:1000"),
+            s("unix:gid:1000"),
+            s("unix:path:/usr/bin/app"),
+        ];
+        assert!(matches(&[s("unix:uid:1000")], &w));
+        assert!(matches(&[s("unix:uid:1000"), s("unix:path:/usr/bin/app")], &w));
+        assert!(!matches(&[s("unix:uid:1000"), s("unix:path:/usr/bin/other")], &w));
+        assert!(!matches(&[], &w));
+    }
+}

@@ -1,0 +1,254 @@
+//! The agent's configuration file (TOML, unknown keys refused, relative paths relative to the file).
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+use trustline_identity::spiffe_id::{parse_trust_domain, TrustDomain};
+
+/// The configuration could not be read or is invalid; messages name the file, field and value.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConfigError {
+    /// Unreadable file.
+    #[error("config {path}: {source}")]
+    Read {
+        /// File.
+        path: PathBuf,
+        /// Cause.
+        source: std::io::Error,
+    },
+    /// Syntax error, unknown key or wrong type.
+    #[error("config {path}: {message}")]
+    Parse {
+        /// File.
+        path: PathBuf,
+        /// Parser message (with line and column).
+        message: String,
+    },
+    /// A value is not allowed.
+    #[error("config {path}: {field} = {value:?}: {reason}")]
+    Invalid {
+        /// File.
+        path: PathBuf,
+        /// Field.
+        field: &'static str,
+        /// Value.
+        value: String,
+        /// Why.
+        reason: String,
+    },
+}
+
+/// The agent configuration.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Trust domain.
+    pub trust_domain: String,
+    /// The CA's agent API, `host:port`.
+    pub ca_address: SocketAddr,
+    /// Bootstrap trust bundle (PEM, from `trustline-ca bundle show`), used to verify the CA on first contact.
+    pub trust_bundle: PathBuf,
+    /// State folder: the agent's sealed SVID and key, and the default socket paths.
+    #[serde(default = "default_data_dir")]
+    pub data_dir: PathBuf,
+    /// SPIFFE Workload API socket. Default `<data_dir>/sockets/workload.sock`.
+    #[serde(default)]
+    pub socket: Option<PathBuf>,
+    /// Local HTTP API socket. Default `<data_dir>/sockets/http.sock`.
+    #[serde(default)]
+    pub http_socket: Option<PathBuf>,
+    /// Health and metrics listener (`/healthz`, `/readyz`, `/metrics`); off when absent.
+    #[serde(default)]
+    pub health_listen: Option<SocketAddr>,
+    /// A one-time join token for the first attestation (or `--join-token`, or `TRUSTLINE_JOIN_TOKEN`).
+    #[serde(default)]
+    pub join_token: Option<String>,
+    /// Sealing secret for the agent's key at rest.
+    #[serde(default)]
+    pub keys: KeysConfig,
+    /// SVID handling.
+    #[serde(default)]
+    pub svid: SvidConfig,
+}
+
+/// `[keys]`
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KeysConfig {
+    /// 32-byte key file (mode 0600). Created on first start if missing.
+    #[serde(default)]
+    pub key_file: Option<PathBuf>,
+    /// Passphrase file (alternative to `key_file`).
+    #[serde(default)]
+    pub passphrase_file: Option<PathBuf>,
+}
+
+/// `[svid]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SvidConfig {
+    /// Renew SVIDs once this fraction of their lifetime has passed (default 0.5).
+    #[serde(default = "default_fraction")]
+    pub rotate_fraction: f64,
+    /// Most workload SVIDs held in memory (least recently used ones are dropped and re-minted on demand).
+    #[serde(default = "default_cache_max")]
+    pub cache_max: usize,
+    /// SPIFFE IDs to mint at start, before any workload asks.
+    #[serde(default)]
+    pub prewarm: Vec<String>,
+}
+
+impl Default for SvidConfig {
+    fn default() -> Self {
+        Self {
+            rotate_fraction: default_fraction(),
+            cache_max: default_cache_max(),
+            prewarm: Vec::new(),
+        }
+    }
+}
+
+fn default_data_dir() -> PathBuf {
+    PathBuf::from(".trustline/agent")
+}
+fn default_fraction() -> f64 {
+    0.5
+}
+fn default_cache_max() -> usize {
+    1024
+}
+
+/// A validated configuration.
+#[derive(Debug, Clone)]
+pub struct Validated {
+    /// Raw values (paths resolved).
+    pub raw: Config,
+    /// Trust domain.
+    pub trust_domain: TrustDomain,
+    /// Workload API socket.
+    pub socket: PathBuf,
+    /// HTTP API socket.
+    pub http_socket: PathBuf,
+}
+
+impl Config {
+    /// Reads and validates a file.
+    pub fn load(path: &Path) -> Result<Validated, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Self::parse(path, &text)
+    }
+
+    /// Parses and validates text.
+    pub fn parse(path: &Path, text: &str) -> Result<Validated, ConfigError> {
+        let mut raw: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: path.to_owned(),
+            message: e.to_string().trim_end().replace('\n', " "),
+        })?;
+        let invalid = |field: &'static str, value: String, reason: String| ConfigError::Invalid {
+            path: path.to_owned(),
+            field,
+            value,
+            reason,
+        };
+        let trust_domain = parse_trust_domain("trust_domain", &raw.trust_domain)
+            .map_err(|e| invalid("trust_domain", raw.trust_domain.clone(), e.reason))?;
+        let f = raw.svid.rotate_fraction;
+        if !(0.1..=0.9).contains(&f) {
+            return Err(invalid(
+                "svid.rotate_fraction",
+                f.to_string(),
+                "must be between 0.1 and 0.9".into(),
+            ));
+        }
+        if raw.svid.cache_max == 0 {
+            return Err(invalid("svid.cache_max", "0".into(), "must be at least 1".into()));
+        }
+        let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
+        let resolve = |p: &mut PathBuf| {
+            if p.is_relative() {
+                *p = base.join(&*p);
+            }
+            *p = p.components().collect();
+        };
+        resolve(&mut raw.data_dir);
+        resolve(&mut raw.trust_bundle);
+        for p in [
+            raw.socket.as_mut(),
+            raw.http_socket.as_mut(),
+            raw.keys.key_file.as_mut(),
+            raw.keys.passphrase_file.as_mut(),
+        ]
+        .into_iter()
+        .flatten()
+        {
+            resolve(p);
+        }
+        let socket = raw
+            .socket
+            .clone()
+            .unwrap_or_else(|| raw.data_dir.join("sockets/workload.sock"));
+        let http_socket = raw
+            .http_socket
+            .clone()
+            .unwrap_or_else(|| raw.data_dir.join("sockets/http.sock"));
+        Ok(Validated {
+            raw,
+            trust_domain,
+            socket,
+            http_socket,
+        })
+    }
+}
+
+impl Validated {
+    /// Renewal point of an SVID valid from `not_before` to `not_after` (unix seconds).
+    pub fn renew_at(&self, not_before: i64, not_after: i64) -> i64 {
+        not_before + (((not_after - not_before) as f64) * self.raw.svid.rotate_fraction) as i64
+    }
+}
+
+/// Parses `90s`, `5m`, `1h` style durations.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    humantime::parse_duration(s.trim()).map_err(|e| e.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_with_defaults_and_names_bad_fields() {
+        let p = Path::new("/etc/trustline/agent.toml");
+        let v = Config::parse(
+            p,
+            "trust_domain = \"example.org\"\nca_address = \"127.0.0.1:8081\"\ntrust_bundle = \"b.pem\"\n",
+        )
+        .unwrap();
+        assert_eq!(v.raw.trust_bundle, PathBuf::from("/etc/trustline/b.pem"));
+        assert_eq!(
+            v.socket,
+            PathBuf::from("/etc/trustline/.trustline/agent/sockets/workload.sock")
+        );
+        assert_eq!(v.renew_at(0, 100), 50);
+        let err = Config::parse(p, "trust_domain = \"example.org\"\nca_address = \"127.0.0.1:8081\"\ntrust_bundle = \"b\"\nsokcet = \"x\"\n").unwrap_err();
+        assert!(err.to_string().contains("sokcet"), "{err}");
+        let err = Config::parse(
+            p,
+            "trust_domain = \"example.org\"\nca_address = \"127.0.0.1:8081\"\ntrust_bundle = \"b\"\n[svid]\nrotate_fraction = 2.0\n",
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("svid.rotate_fraction"), "{err}");
+        let err = Config::parse(
+            p,
+            "trust_domain = \"example.org\"\nca_address = \"nope\"\ntrust_bundle = \"b\"\n",
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("ca_address"), "{err}");
+    }
+}

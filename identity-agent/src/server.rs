@@ -1,0 +1,108 @@
+//! `trustline-agent run`: obtain the node identity, start syncing, serve the Workload API and the HTTP API.
+
+use std::path::Path;
+
+use tokio::net::UnixListener;
+
+use crate::agent::{Agent, AgentError};
+use crate::config::Validated;
+
+fn bind(path: &Path) -> Result<UnixListener, AgentError> {
+    use std::os::unix::fs::PermissionsExt;
+    let err = |e: std::io::Error| AgentError::File {
+        path: path.to_owned(),
+        reason: e.to_string(),
+    };
+    if let Some(dir) = path.parent() {
+        if !dir.exists() {
+            std::fs::create_dir_all(dir).map_err(err)?;
+            // Workloads of any uid must reach the sockets; attestation by peer credentials is the gate.
+            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755)).map_err(err)?;
+        }
+    }
+    if path.exists() {
+        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+            return Err(err(std::io::Error::new(
+                std::io::ErrorKind::AddrInUse,
+                "in use by a running agent",
+            )));
+        }
+        std::fs::remove_file(path).map_err(err)?;
+    }
+    let l = UnixListener::bind(path).map_err(err)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o777)).map_err(err)?;
+    Ok(l)
+}
+
+/// Runs the agent until `shutdown` resolves. `ready` is called once both sockets listen.
+pub async fn run(
+    cfg: Validated,
+    join_token: Option<String>,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+    ready: impl FnOnce(&Agent, &Validated),
+) -> Result<(), AgentError> {
+    let agent = Agent::start(cfg.clone(), join_token).await?;
+    agent.spawn_tasks();
+    let workload = bind(&cfg.socket)?;
+    let http = bind(&cfg.http_socket)?;
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let stopped = move || {
+        let mut rx = stop_rx.clone();
+        async move {
+            let _ = rx.wait_for(|v| *v).await;
+        }
+    };
+    let grpc = {
+        let svc = crate::workload_api::WorkloadApi::service(agent.clone());
+        let inc = tokio_stream::wrappers::UnixListenerStream::new(workload);
+        let stop = stopped();
+        tokio::spawn(async move {
+            tonic::transport::Server::builder()
+                .add_service(svc)
+                .serve_with_incoming_shutdown(inc, stop)
+                .await
+        })
+    };
+    let web = {
+        let a = agent.clone();
+        let stop = stopped();
+        tokio::spawn(async move { crate::http_api::serve(http, a, stop).await })
+    };
+    let health = match cfg.raw.health_listen {
+        Some(addr) => {
+            let l = tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(|e| AgentError::File {
+                    path: addr.to_string().into(),
+                    reason: e.to_string(),
+                })?;
+            let a = agent.clone();
+            let stop = stopped();
+            Some(tokio::spawn(async move {
+                let m = a.metrics.clone();
+                let app = axum::Router::new()
+                    .route("/healthz", axum::routing::get(|| async { "ok\n" }))
+                    .route(
+                        "/metrics",
+                        axum::routing::get(move || {
+                            let m = m.clone();
+                            async move { m.encode() }
+                        }),
+                    );
+                axum::serve(l, app).with_graceful_shutdown(stop).await
+            }))
+        }
+        None => None,
+    };
+    ready(&agent, &cfg);
+    shutdown.await;
+    let _ = stop_tx.send(true);
+    let _ = grpc.await;
+    let _ = web.await;
+    if let Some(h) = health {
+        let _ = h.await;
+    }
+    let _ = std::fs::remove_file(&cfg.socket);
+    let _ = std::fs::remove_file(&cfg.http_socket);
+    Ok(())
+}
