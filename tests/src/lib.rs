@@ -52,6 +52,202 @@ where
     }
 }
 
+/// Spawns `cmd`, collects its stderr into a log buffer, and waits (bounded) for a stdout line starting with
+/// `prefix`. Returns the child, that line, and the logs.
+pub fn spawn_ready(mut cmd: Command, prefix: &str) -> (Child, String, Arc<std::sync::Mutex<Vec<String>>>) {
+    let mut child = cmd
+        .env("TRUSTLINE_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    let logs = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let stderr = child.stderr.take().unwrap();
+    let l2 = logs.clone();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            l2.lock().unwrap().push(line);
+        }
+    });
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let deadline = Instant::now() + READY_TIMEOUT;
+    let ready = loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match rx.recv_timeout(left) {
+            Ok(line) if line.starts_with(prefix) => break line,
+            Ok(_) => {}
+            Err(_) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!(
+                    "process did not print {prefix:?}; logs:\n{}",
+                    logs.lock().unwrap().join("\n")
+                );
+            }
+        }
+    };
+    (child, ready, logs)
+}
+
+/// Sends SIGTERM and waits up to 10 s, then kills.
+pub fn terminate(child: &mut Child) {
+    let _ = Command::new("kill")
+        .arg("-TERM")
+        .arg(child.id().to_string())
+        .status();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Ok(Some(_)) = child.try_wait() {
+            return;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A running `trustline-agent`.
+pub struct Agent {
+    child: Option<Child>,
+    /// Config file.
+    pub config: PathBuf,
+    /// Workload API socket.
+    pub socket: PathBuf,
+    /// HTTP API socket.
+    pub http_socket: PathBuf,
+    /// The agent's SPIFFE ID.
+    pub id: String,
+    /// Logs (stderr).
+    pub logs: Arc<std::sync::Mutex<Vec<String>>>,
+}
+
+impl Agent {
+    /// Writes an agent config for `ca` into `dir` (sockets in `dir/sock`, world-traversable) and starts it with
+    /// `join_token`. `extra` is appended to the config.
+    pub fn start(dir: &Path, ca: &Ca, join_token: Option<&str>, extra: &str) -> Agent {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::create_dir_all(dir).unwrap();
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let bundle = dir.join("bundle.pem");
+        std::fs::write(&bundle, ca.cli_ok(&["bundle", "show", "--format", "pem"])).unwrap();
+        let cfg = dir.join("agent.toml");
+        std::fs::write(
+            &cfg,
+            format!(
+                "trust_domain = \"example.org\"\nca_address = \"{}\"\ntrust_bundle = \"{}\"\ndata_dir = \"{}\"\nsocket = \"{}\"\nhttp_socket = \"{}\"\n{extra}",
+                ca.agent_addr,
+                bundle.display(),
+                dir.join("state").display(),
+                dir.join("sock/workload.sock").display(),
+                dir.join("sock/http.sock").display(),
+            ),
+        )
+        .unwrap();
+        Self::spawn(&cfg, join_token)
+    }
+
+    fn spawn(cfg: &Path, join_token: Option<&str>) -> Agent {
+        let mut cmd = Command::new(bin("trustline-agent"));
+        cmd.arg("run")
+            .arg("--config")
+            .arg(cfg)
+            .env_remove("TRUSTLINE_JOIN_TOKEN");
+        if let Some(t) = join_token {
+            cmd.arg("--join-token").arg(t);
+        }
+        let (child, ready, logs) = spawn_ready(cmd, "trustline-agent ready:");
+        let field = |key: &str| -> String {
+            ready
+                .split(", ")
+                .find_map(|p| p.split_once(key).map(|(_, v)| v.trim().to_owned()))
+                .unwrap()
+        };
+        Agent {
+            child: Some(child),
+            config: cfg.to_owned(),
+            socket: PathBuf::from(field("Workload API socket ")),
+            http_socket: PathBuf::from(field("HTTP API socket ")),
+            id: field("agent ID "),
+            logs,
+        }
+    }
+
+    /// Stops the agent (SIGTERM).
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            terminate(&mut c);
+        }
+    }
+
+    /// Starts it again with the same config and no join token.
+    pub fn restart(&mut self) {
+        self.stop();
+        *self = Self::spawn(&self.config.clone(), None);
+    }
+
+    /// `unix:` endpoint of the Workload API for SPIFFE clients.
+    pub fn endpoint(&self) -> String {
+        format!("unix:{}", self.socket.display())
+    }
+
+    /// GET (or POST with `body`) on the HTTP API; returns status and body.
+    pub async fn http(&self, method: &str, path: &str, body: Option<&str>) -> (u16, String) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut s = tokio::net::UnixStream::connect(&self.http_socket).await.unwrap();
+        let body = body.unwrap_or("");
+        let req = format!(
+            "{method} {path} HTTP/1.1\r\nHost: agent\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        );
+        s.write_all(req.as_bytes()).await.unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).await.unwrap();
+        let status = out
+            .split_whitespace()
+            .nth(1)
+            .and_then(|c| c.parse().ok())
+            .unwrap_or(0);
+        let body = out
+            .split_once("\r\n\r\n")
+            .map(|(_, b)| b.to_owned())
+            .unwrap_or_default();
+        // Bodies may be chunked; take the JSON object.
+        let json = match (body.find('{'), body.rfind('}')) {
+            (Some(a), Some(b)) if b > a => body[a..=b].to_owned(),
+            _ => body,
+        };
+        (status, json)
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// A free loopback port (bound and released).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
 /// A running `trustline-ca`.
 pub struct Ca {
     child: Option<Child>,
@@ -96,46 +292,9 @@ impl Ca {
     }
 
     fn spawn(dir: &Path, cfg: &Path) -> Ca {
-        let mut child = Command::new(bin("trustline-ca"))
-            .arg("run")
-            .arg("--config")
-            .arg(cfg)
-            .env("TRUSTLINE_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn trustline-ca");
-        let logs = Arc::new(std::sync::Mutex::new(Vec::new()));
-        let stderr = child.stderr.take().unwrap();
-        let l2 = logs.clone();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                l2.lock().unwrap().push(line);
-            }
-        });
-        let stdout = child.stdout.take().unwrap();
-        let (tx, rx) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                let _ = tx.send(line);
-            }
-        });
-        let deadline = Instant::now() + READY_TIMEOUT;
-        let ready = loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match rx.recv_timeout(left) {
-                Ok(line) if line.starts_with("trustline-ca ready:") => break line,
-                Ok(_) => {}
-                Err(_) => {
-                    let _ = child.kill();
-                    panic!(
-                        "trustline-ca did not become ready; logs:\n{}",
-                        logs.lock().unwrap().join("\n")
-                    );
-                }
-            }
-        };
+        let mut cmd = Command::new(bin("trustline-ca"));
+        cmd.arg("run").arg("--config").arg(cfg);
+        let (child, ready, logs) = spawn_ready(cmd, "trustline-ca ready:");
         let field = |key: &str| -> Option<String> {
             ready
                 .split(", ")
