@@ -809,7 +809,7 @@ async fn quickstart(dir: &Path, exit: bool) -> Result<(), CliError> {
                     trust_domain = \"example.org\"\n\
                     data_dir = \".\"\n\n\
                     [server]\n\
-                    agent_listen = \"127.0.0.1:0\"\n\
+                    agent_listen = \"127.0.0.1:8081\"\n\
                     health_listen = \"127.0.0.1:0\"\n\n\
                     [keys]\n\
                     key_file = \"seal.key\"\n";
