@@ -56,10 +56,42 @@ struct FileKey {
     mtime_nsec: i64,
 }
 
-/// The attestor, with its binary-hash cache.
+/// A parsed `/etc/passwd` or `/etc/group`, reloaded when the file's mtime or size changes.
+#[derive(Default)]
+struct NameFile {
+    stamp: Option<(i64, i64, u64)>,
+    names: HashMap<u32, String>,
+}
+
+impl NameFile {
+    fn lookup(&mut self, file: &str, id: u32) -> Option<String> {
+        let meta = std::fs::metadata(file).ok()?;
+        let stamp = (meta.mtime(), meta.mtime_nsec(), meta.size());
+        if self.stamp != Some(stamp) {
+            let text = std::fs::read_to_string(file).ok()?;
+            self.names = text
+                .lines()
+                .filter_map(|l| {
+                    let mut parts = l.split(':');
+                    let name = parts.next()?;
+                    let _pw = parts.next()?;
+                    let num: u32 = parts.next()?.parse().ok()?;
+                    Some((num, name.to_owned()))
+                })
+                .rev() // the first line for an id wins, as getpwuid does
+                .collect();
+            self.stamp = Some(stamp);
+        }
+        self.names.get(&id).cloned()
+    }
+}
+
+/// The attestor, with its binary-hash and name caches.
 #[derive(Default)]
 pub struct Attestor {
     hashes: Mutex<HashMap<FileKey, String>>,
+    users: Mutex<NameFile>,
+    groups: Mutex<NameFile>,
 }
 
 impl std::fmt::Debug for Attestor {
@@ -88,17 +120,6 @@ fn proc_uid(pid: i32) -> Result<u32, AttestError> {
     Ok(meta.uid())
 }
 
-fn name_of(file: &str, id: u32) -> Option<String> {
-    let text = std::fs::read_to_string(file).ok()?;
-    text.lines().find_map(|l| {
-        let mut parts = l.split(':');
-        let name = parts.next()?;
-        let _pw = parts.next()?;
-        let num: u32 = parts.next()?.parse().ok()?;
-        (num == id).then(|| name.to_owned())
-    })
-}
-
 impl Attestor {
     /// Derives the selectors of the caller with credentials `cred`.
     pub fn attest(&self, cred: PeerCred) -> Result<Vec<Selector>, AttestError> {
@@ -110,10 +131,20 @@ impl Attestor {
         };
         push(&mut out, "uid", &cred.uid.to_string());
         push(&mut out, "gid", &cred.gid.to_string());
-        if let Some(u) = name_of("/etc/passwd", cred.uid) {
+        let user = self
+            .users
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .lookup("/etc/passwd", cred.uid);
+        if let Some(u) = user {
             push(&mut out, "user", &u);
         }
-        if let Some(g) = name_of("/etc/group", cred.gid) {
+        let group = self
+            .groups
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .lookup("/etc/group", cred.gid);
+        if let Some(g) = group {
             push(&mut out, "group", &g);
         }
         if let Some(pid) = cred.pid.filter(|p| *p > 0) {
