@@ -160,6 +160,36 @@ fn to_value(v: &serde_json::Value) -> prost_types::Value {
 
 type Stream<T> = ReceiverStream<Result<T, Status>>;
 
+/// A server stream that sends `current()` at once and again whenever the agent's state changes and the value
+/// differs from the last one sent (`None`: nothing to send yet). Ends when the client goes away.
+fn watch_stream<T, F>(agent: Arc<Agent>, current: F) -> Stream<T>
+where
+    T: PartialEq + Clone + Send + 'static,
+    F: Fn() -> Option<T> + Send + 'static,
+{
+    let (tx, rx) = mpsc::channel(2);
+    tokio::spawn(async move {
+        let mut changes = agent.subscribe();
+        let mut last: Option<T> = None;
+        loop {
+            changes.borrow_and_update();
+            if let Some(msg) = current() {
+                if last.as_ref() != Some(&msg) {
+                    last = Some(msg.clone());
+                    if tx.send(Ok(msg)).await.is_err() {
+                        return;
+                    }
+                }
+            }
+            tokio::select! {
+                r = changes.changed() => if r.is_err() { return },
+                _ = tx.closed() => return,
+            }
+        }
+    });
+    ReceiverStream::new(rx)
+}
+
 #[tonic::async_trait]
 impl SpiffeWorkloadApi for WorkloadApi {
     type FetchX509SVIDStream = Stream<pb::X509svidResponse>;
@@ -245,31 +275,14 @@ impl SpiffeWorkloadApi for WorkloadApi {
         check_header(&req)?;
         let selectors = self.selectors(&req)?;
         self.entries(&selectors, "FetchX509Bundles")?;
-        let (tx, rx) = mpsc::channel(2);
         let this = self.clone();
-        tokio::spawn(async move {
-            let mut changes = this.agent.subscribe();
-            let mut last = None;
-            loop {
-                changes.borrow_and_update();
-                let bundles = this.x509_bundles();
-                if last.as_ref() != Some(&bundles) {
-                    last = Some(bundles.clone());
-                    let msg = pb::X509BundlesResponse {
-                        crl: Vec::new(),
-                        bundles,
-                    };
-                    if tx.send(Ok(msg)).await.is_err() {
-                        return;
-                    }
-                }
-                tokio::select! {
-                    r = changes.changed() => if r.is_err() { return },
-                    _ = tx.closed() => return,
-                }
-            }
-        });
-        Ok(Response::new(ReceiverStream::new(rx)))
+        Ok(Response::new(watch_stream(self.agent.clone(), move || {
+            let bundles = this.x509_bundles();
+            Some(pb::X509BundlesResponse {
+                crl: Vec::new(),
+                bundles,
+            })
+        })))
     }
 
     async fn fetch_jwtsvid(
@@ -312,27 +325,11 @@ impl SpiffeWorkloadApi for WorkloadApi {
         check_header(&req)?;
         let selectors = self.selectors(&req)?;
         self.entries(&selectors, "FetchJWTBundles")?;
-        let (tx, rx) = mpsc::channel(2);
         let this = self.clone();
-        tokio::spawn(async move {
-            let mut changes = this.agent.subscribe();
-            let mut last = None;
-            loop {
-                changes.borrow_and_update();
-                let bundles = this.jwt_bundles();
-                if !bundles.is_empty() && last.as_ref() != Some(&bundles) {
-                    last = Some(bundles.clone());
-                    if tx.send(Ok(pb::JwtBundlesResponse { bundles })).await.is_err() {
-                        return;
-                    }
-                }
-                tokio::select! {
-                    r = changes.changed() => if r.is_err() { return },
-                    _ = tx.closed() => return,
-                }
-            }
-        });
-        Ok(Response::new(ReceiverStream::new(rx)))
+        Ok(Response::new(watch_stream(self.agent.clone(), move || {
+            let bundles = this.jwt_bundles();
+            (!bundles.is_empty()).then_some(pb::JwtBundlesResponse { bundles })
+        })))
     }
 
     async fn validate_jwtsvid(
