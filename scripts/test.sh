@@ -45,6 +45,15 @@ run_pg "$PG_BIN/pg_ctl" -D "$PG_DIR/data" -l "$PG_DIR/log" -w \
 export TRUSTLINE_TEST_POSTGRES="host=127.0.0.1 port=$PG_PORT user=postgres dbname=postgres"
 echo "== PostgreSQL $("$PG_BIN/postgres" --version | awk '{print $3}') on 127.0.0.1:$PG_PORT"
 
+# The Python SPIFFE client (py-spiffe, unmodified) for the Workload API compatibility test, in a virtualenv.
+PY_VENV="target/pyvenv"
+if [ ! -x "$PY_VENV/bin/python" ] || ! "$PY_VENV/bin/python" -c 'import spiffe' 2>/dev/null; then
+  echo "== installing the Python spiffe client into $PY_VENV"
+  python3 -m venv "$PY_VENV"
+  "$PY_VENV/bin/pip" install -q --disable-pip-version-check "spiffe==0.3.2" "grpcio==1.85.1"
+fi
+export TRUSTLINE_TEST_PYTHON="$PWD/$PY_VENV/bin/python"
+
 # End-to-end tests run the real binaries: build them first.
 echo "== cargo build --workspace --bins"
 cargo build --workspace --bins --locked 2>&1

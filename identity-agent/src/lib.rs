@@ -14,6 +14,7 @@
 pub mod agent;
 pub mod attest;
 pub mod config;
+pub mod h2_authority;
 pub mod http_api;
 pub mod metrics;
 pub mod server;

@@ -54,7 +54,11 @@ pub async fn run(
     };
     let grpc = {
         let svc = crate::workload_api::WorkloadApi::service(agent.clone());
-        let inc = tokio_stream::wrappers::UnixListenerStream::new(workload);
+        // Every connection goes through the `:authority` fix so gRPC-C-core clients (Python, C++) work too.
+        let inc =
+            tokio_stream::StreamExt::map(tokio_stream::wrappers::UnixListenerStream::new(workload), |c| {
+                c.map(crate::h2_authority::AuthorityFix::new)
+            });
         let stop = stopped();
         tokio::spawn(async move {
             tonic::transport::Server::builder()

@@ -411,3 +411,45 @@ async fn a_restarted_agent_needs_no_new_join_token() {
         "{err}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_python_spiffe_client_works_unmodified() {
+    // py-spiffe on grpc-python sends `:authority: <percent-encoded socket path>`, which a stock tonic server resets
+    // with PROTOCOL_ERROR; the agent must accept it as SPIRE does.
+    let Ok(python) = std::env::var("TRUSTLINE_TEST_PYTHON") else {
+        println!(
+            "skipped: TRUSTLINE_TEST_PYTHON is not set (scripts/test.sh installs py-spiffe and sets it)"
+        );
+        return;
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let ca = Ca::start(&tmp.path().join("ca"));
+    entry(
+        &ca,
+        "spiffe://example.org/py",
+        NODE,
+        &format!("unix:uid:{}", my_uid()),
+    );
+    let agent = Agent::start(&tmp.path().join("agent"), &ca, Some(&node_token(&ca, NODE)), "");
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("python/workload_client.py");
+    let out = tokio::process::Command::new(&python)
+        .arg(&script)
+        .env(
+            "SPIFFE_ENDPOINT_SOCKET",
+            format!("unix://{}", agent.socket.display()),
+        )
+        .output()
+        .await
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "py-spiffe failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["x509_spiffe_id"], "spiffe://example.org/py");
+    assert_eq!(v["jwt_spiffe_id"], "spiffe://example.org/py");
+    assert_eq!(v["validated_spiffe_id"], "spiffe://example.org/py");
+    assert_eq!(v["bundle_trust_domains"], serde_json::json!(["example.org"]));
+}
