@@ -60,6 +60,10 @@ pub struct Config {
     /// Local HTTP API socket. Default `<data_dir>/sockets/http.sock`.
     #[serde(default)]
     pub http_socket: Option<PathBuf>,
+    /// Also serve the HTTP API on this loopback TCP address (callers identified via the kernel's socket tables;
+    /// see docs). Off when absent; only loopback addresses are accepted.
+    #[serde(default)]
+    pub http_listen: Option<SocketAddr>,
     /// Health and metrics listener (`/healthz`, `/readyz`, `/metrics`); off when absent.
     #[serde(default)]
     pub health_listen: Option<SocketAddr>,
@@ -165,6 +169,15 @@ impl Config {
                 f.to_string(),
                 "must be between 0.1 and 0.9".into(),
             ));
+        }
+        if let Some(a) = raw.http_listen {
+            if !a.ip().is_loopback() {
+                return Err(invalid(
+                    "http_listen",
+                    a.to_string(),
+                    "must be a loopback address (127.0.0.0/8 or ::1)".into(),
+                ));
+            }
         }
         if raw.svid.cache_max == 0 {
             return Err(invalid("svid.cache_max", "0".into(), "must be at least 1".into()));

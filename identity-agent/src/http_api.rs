@@ -40,6 +40,14 @@ impl Connected<axum::serve::IncomingStream<'_, UnixListener>> for HttpPeer {
     }
 }
 
+impl Connected<axum::serve::IncomingStream<'_, tokio::net::TcpListener>> for HttpPeer {
+    fn connect_info(stream: axum::serve::IncomingStream<'_, tokio::net::TcpListener>) -> Self {
+        let client = *stream.remote_addr();
+        let server = stream.io().local_addr().ok();
+        HttpPeer(server.and_then(|s| crate::tcp_owner::owner(client, s)))
+    }
+}
+
 /// An API error: HTTP status, stable code, message.
 pub struct ApiError(StatusCode, &'static str, String);
 
@@ -223,6 +231,20 @@ pub fn router(agent: Arc<Agent>) -> Router {
         .route("/v1/health", get(health))
         .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY))
         .with_state(agent)
+}
+
+/// Serves the HTTP API on loopback TCP until `shutdown`.
+pub async fn serve_tcp(
+    listener: tokio::net::TcpListener,
+    agent: Arc<Agent>,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    axum::serve(
+        listener,
+        router(agent).into_make_service_with_connect_info::<HttpPeer>(),
+    )
+    .with_graceful_shutdown(shutdown)
+    .await
 }
 
 /// Serves the HTTP API on a Unix socket until `shutdown`.

@@ -18,4 +18,5 @@ pub mod h2_authority;
 pub mod http_api;
 pub mod metrics;
 pub mod server;
+pub mod tcp_owner;
 pub mod workload_api;

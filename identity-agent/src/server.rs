@@ -72,6 +72,22 @@ pub async fn run(
         let stop = stopped();
         tokio::spawn(async move { crate::http_api::serve(http, a, stop).await })
     };
+    let web_tcp = match cfg.raw.http_listen {
+        Some(addr) => {
+            let l = tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(|e| AgentError::File {
+                    path: addr.to_string().into(),
+                    reason: e.to_string(),
+                })?;
+            let a = agent.clone();
+            let stop = stopped();
+            Some(tokio::spawn(async move {
+                crate::http_api::serve_tcp(l, a, stop).await
+            }))
+        }
+        None => None,
+    };
     let health = match cfg.raw.health_listen {
         Some(addr) => {
             let l = tokio::net::TcpListener::bind(addr)
@@ -105,6 +121,9 @@ pub async fn run(
     let _ = web.await;
     if let Some(h) = health {
         let _ = h.await;
+    }
+    if let Some(w) = web_tcp {
+        let _ = w.await;
     }
     let _ = std::fs::remove_file(&cfg.socket);
     let _ = std::fs::remove_file(&cfg.http_socket);

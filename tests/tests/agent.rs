@@ -453,3 +453,76 @@ async fn the_python_spiffe_client_works_unmodified() {
     assert_eq!(v["validated_spiffe_id"], "spiffe://example.org/py");
     assert_eq!(v["bundle_trust_domains"], serde_json::json!(["example.org"]));
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn loopback_tcp_callers_are_identified_by_the_kernels_socket_tables() {
+    let tmp = tempfile::tempdir().unwrap();
+    let ca = Ca::start(&tmp.path().join("ca"));
+    entry(
+        &ca,
+        "spiffe://example.org/web",
+        NODE,
+        &format!("unix:uid:{}", my_uid()),
+    );
+    entry(&ca, "spiffe://example.org/tcp-user", NODE, "unix:uid:4201");
+    let port = trustline_tests::free_port();
+    let agent = Agent::start(
+        &tmp.path().join("agent"),
+        &ca,
+        Some(&node_token(&ca, NODE)),
+        &format!("http_listen = \"127.0.0.1:{port}\"\n"),
+    );
+    let get = |path: &str| {
+        let path = path.to_owned();
+        async move {
+            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+            let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+            // A header naming another identity changes nothing: only the kernel's tables count.
+            s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nX-Spiffe-Id: spiffe://example.org/tcp-user\r\nConnection: close\r\n\r\n").as_bytes())
+                .await
+                .unwrap();
+            let mut out = String::new();
+            s.read_to_string(&mut out).await.unwrap();
+            out
+        }
+    };
+    let out = eventually(Duration::from_secs(10), "a JWT over loopback TCP", || {
+        let f = get("/v1/jwt-svid?audience=a");
+        async move {
+            let o = f.await;
+            o.starts_with("HTTP/1.1 200").then_some(o)
+        }
+    })
+    .await;
+    assert!(
+        out.contains("\"spiffe_id\":\"spiffe://example.org/web\""),
+        "{out}"
+    );
+    let _ = &agent;
+    if my_uid() == 0
+        && std::process::Command::new("setpriv")
+            .arg("--version")
+            .output()
+            .is_ok()
+    {
+        let curl_as = |uid: u32| {
+            std::process::Command::new("setpriv")
+                .args([
+                    format!("--reuid={uid}"),
+                    format!("--regid={uid}"),
+                    "--clear-groups".into(),
+                ])
+                .args([
+                    "curl",
+                    "-s",
+                    &format!("http://127.0.0.1:{port}/v1/jwt-svid?audience=a"),
+                ])
+                .output()
+                .unwrap()
+        };
+        let body = String::from_utf8_lossy(&curl_as(4201).stdout).into_owned();
+        assert!(body.contains("spiffe://example.org/tcp-user"), "{body}");
+        let body = String::from_utf8_lossy(&curl_as(4202).stdout).into_owned();
+        assert!(body.contains("no_identity"), "{body}");
+    }
+}
