@@ -1,4 +1,5 @@
-//! Latency and throughput of cached JWT-SVIDs from the agent's HTTP API (`GET /v1/jwt-svid`), workload
+//! Latency and throughput of cached JWT-SVIDs from the agent's HTTP API (`GET /v1/jwt-svid`) and from the gRPC
+//! Workload API (`FetchJWTSVID`), workload
 //! attestation included on every request (SO_PEERCRED + /proc + cached binary hash).
 //!
 //! Starts a real CA and a real agent in this process (loopback, temp dirs), registers this process's uid, then:
@@ -135,6 +136,58 @@ fn main() {
     for rate in [1_000, 5_000, 10_000] {
         open_loop(&http_sock, rate, 4);
     }
+    let workload_sock = http_sock.with_file_name("workload.sock");
+    println!("trustline-agent Workload API FetchJWTSVID (gRPC, cached token, attestation on every call)");
+    for c in [1, 4, 16] {
+        rt.block_on(grpc_closed_loop(&workload_sock, c, 20_000 / c));
+    }
+}
+
+async fn grpc_closed_loop(sock: &Path, conns: usize, per_conn: usize) {
+    use trustline_proto::workload as pb;
+    let start = Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..conns {
+        let sock = sock.to_owned();
+        tasks.push(tokio::spawn(async move {
+            let ch = tonic::transport::Endpoint::from_static("http://localhost")
+                .connect_with_connector(tower::service_fn(move |_: tonic::transport::Uri| {
+                    let p = sock.clone();
+                    async move {
+                        Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(
+                            tokio::net::UnixStream::connect(p).await?,
+                        ))
+                    }
+                }))
+                .await
+                .unwrap();
+            let mut c = pb::spiffe_workload_api_client::SpiffeWorkloadApiClient::new(ch);
+            let mut lat = Vec::with_capacity(per_conn);
+            for _ in 0..per_conn {
+                let mut req = tonic::Request::new(pb::JwtsvidRequest {
+                    audience: vec!["bench".into()],
+                    spiffe_id: String::new(),
+                });
+                req.metadata_mut().insert(
+                    "workload.spiffe.io",
+                    tonic::metadata::MetadataValue::from_static("true"),
+                );
+                let t = Instant::now();
+                c.fetch_jwtsvid(req).await.unwrap();
+                lat.push(t.elapsed());
+            }
+            lat
+        }));
+    }
+    let mut lat = Vec::new();
+    for t in tasks {
+        lat.extend(t.await.unwrap());
+    }
+    report(
+        &format!("gRPC closed loop, {conns} connection(s)"),
+        lat,
+        start.elapsed(),
+    );
 }
 
 async fn setup(dir: &Path) -> PathBuf {
