@@ -6,6 +6,11 @@
 //! Uniqueness (duplicate entries, serials, one prepared and one active key per kind) is enforced by the database
 //! itself, so racing replicas cannot both win. A failed operation changes nothing.
 
+//!
+//! Schema changes are ordered, append-only migrations (see `migrations.rs`); a binary refuses a database written
+//! by a newer one ([`StoreError::SchemaTooNew`]).
+
+mod migrations;
 mod postgres;
 mod sqlite;
 
@@ -444,33 +449,41 @@ impl Store {
     }
 }
 
+/// Selectors as a JSON array of `type:value` strings.
 fn selectors_json(sel: &[Selector]) -> String {
     let v: Vec<String> = sel.iter().map(ToString::to_string).collect();
-    serde_json::to_string(&v).unwrap_or_else(|_| "[]".into())
+    strings_json(&v)
+}
+
+/// A JSON array of strings (serializing strings cannot fail).
+fn strings_json(v: &[String]) -> String {
+    serde_json::to_string(v).unwrap_or_else(|_| "[]".into())
 }
 
 fn parse_selectors(json: &str) -> Result<Vec<Selector>, StoreError> {
     let v: Vec<String> =
-        serde_json::from_str(json).map_err(|e| StoreError::Corrupt(format!("selectors: {e}")))?;
+        serde_json::from_str(json).map_err(|e| StoreError::Corrupt(format!("selectors {json:?}: {e}")))?;
     v.iter()
         .map(|s| {
             s.parse()
-                .map_err(|e| StoreError::Corrupt(format!("selector: {e}")))
+                .map_err(|e| StoreError::Corrupt(format!("selector {s:?}: {e}")))
         })
         .collect()
 }
 
 fn parse_strings(json: &str) -> Result<Vec<String>, StoreError> {
-    serde_json::from_str(json).map_err(|e| StoreError::Corrupt(format!("dns names: {e}")))
+    serde_json::from_str(json).map_err(|e| StoreError::Corrupt(format!("dns names {json:?}: {e}")))
 }
 
-fn canonical(entry: &Entry) -> Vec<Selector> {
-    let mut s = entry.selectors.clone();
+/// Selectors in stored form: sorted, deduplicated.
+fn canonical(selectors: &[Selector]) -> Vec<Selector> {
+    let mut s = selectors.to_vec();
     s.sort();
     s.dedup();
     s
 }
 
+/// `IssuedFilter::limit`, with 0 (or a negative value) meaning 100.
 fn limit(l: i64) -> i64 {
     if l <= 0 {
         100

@@ -1,41 +1,19 @@
-//! SQLite backend: one file, WAL journal, `synchronous=NORMAL` (a commit is durable once the WAL is synced at the
-//! next checkpoint; a crash loses at most the last transactions, never consistency). Operations take
-//! microseconds, so they run inline under a mutex.
+//! SQLite backend: one file, WAL journal, `synchronous=NORMAL` (a committed transaction survives a process crash;
+//! a power loss may lose the last few commits, never consistency). Operations take microseconds, so they run
+//! inline under a mutex. Every write transaction is `BEGIN IMMEDIATE`, so a second process on the same file waits
+//! (`busy_timeout`) instead of failing half-way.
 
 use std::path::Path;
 use std::sync::{Mutex, MutexGuard};
+use std::time::Duration;
 
-use rusqlite::{params, Connection, ErrorCode, OptionalExtension, Row, Transaction};
+use rusqlite::{params, Connection, ErrorCode, OptionalExtension, Row, Transaction, TransactionBehavior};
 use trustline_identity::selector_set_key;
 
 use super::*;
 
-const MIGRATIONS: &[&str] = &[
-    // v1
-    "CREATE TABLE meta (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
-     INSERT INTO meta (name, value) VALUES ('entries_revision', 0), ('bundle_sequence', 0);
-     CREATE TABLE entries (
-        id TEXT PRIMARY KEY, spiffe_id TEXT NOT NULL, parent_id TEXT NOT NULL,
-        selectors TEXT NOT NULL, selector_key TEXT NOT NULL,
-        x509_svid_ttl INTEGER NOT NULL, jwt_svid_ttl INTEGER NOT NULL, dns_names TEXT NOT NULL,
-        admin INTEGER NOT NULL, revision INTEGER NOT NULL, created_at INTEGER NOT NULL,
-        UNIQUE (spiffe_id, parent_id, selector_key));
-     CREATE INDEX entries_parent ON entries (parent_id);
-     CREATE TABLE join_tokens (token TEXT PRIMARY KEY, agent_spiffe_id TEXT NOT NULL,
-        expires_at INTEGER NOT NULL, created_at INTEGER NOT NULL);
-     CREATE TABLE nodes (spiffe_id TEXT PRIMARY KEY, attestation_type TEXT NOT NULL, serial TEXT NOT NULL,
-        expires_at INTEGER NOT NULL, created_at INTEGER NOT NULL, updated_at INTEGER NOT NULL);
-     CREATE TABLE ca_keys (id TEXT PRIMARY KEY, kind TEXT NOT NULL, state TEXT NOT NULL, key_type TEXT NOT NULL,
-        key_ref TEXT NOT NULL, certificate BLOB, public_key_spki BLOB NOT NULL, not_before INTEGER NOT NULL,
-        not_after INTEGER NOT NULL, created_at INTEGER NOT NULL, activated_at INTEGER, retired_at INTEGER);
-     CREATE UNIQUE INDEX ca_keys_one_prepared ON ca_keys (kind) WHERE state = 'prepared';
-     CREATE UNIQUE INDEX ca_keys_one_active ON ca_keys (kind) WHERE state = 'active';
-     CREATE TABLE issued (serial TEXT PRIMARY KEY, spiffe_id TEXT NOT NULL, kind TEXT NOT NULL,
-        issued_at INTEGER NOT NULL, not_after INTEGER NOT NULL, signing_key_id TEXT NOT NULL,
-        requested_by TEXT NOT NULL);
-     CREATE INDEX issued_by_id ON issued (spiffe_id, issued_at);
-     CREATE INDEX issued_by_key ON issued (signing_key_id, not_after);",
-];
+/// How long a write waits for another process holding the database lock.
+const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// The SQLite store.
 pub struct SqliteStore {
@@ -50,7 +28,7 @@ impl std::fmt::Debug for SqliteStore {
 }
 
 fn is_constraint(e: &rusqlite::Error) -> bool {
-    matches!(e, rusqlite::Error::SqliteFailure(f, _) if f.code == ErrorCode::ConstraintViolation)
+    e.sqlite_error_code() == Some(ErrorCode::ConstraintViolation)
 }
 
 const ENTRY_COLS: &str =
@@ -60,8 +38,11 @@ const KEY_COLS: &str =
                         created_at, activated_at, retired_at";
 const ISSUED_COLS: &str = "serial, spiffe_id, kind, issued_at, not_after, signing_key_id, requested_by";
 
-fn row_entry(r: &Row<'_>) -> rusqlite::Result<(Entry, String, String)> {
-    Ok((
+/// A row as read, before the JSON and enum columns are parsed (parsing errors are ours, not rusqlite's).
+struct RawEntry(Entry, String, String);
+
+fn row_entry(r: &Row<'_>) -> rusqlite::Result<RawEntry> {
+    Ok(RawEntry(
         Entry {
             id: r.get(0)?,
             spiffe_id: r.get(1)?,
@@ -79,16 +60,19 @@ fn row_entry(r: &Row<'_>) -> rusqlite::Result<(Entry, String, String)> {
     ))
 }
 
-fn finish_entry((mut e, sel, dns): (Entry, String, String)) -> Result<Entry, StoreError> {
-    e.selectors = parse_selectors(&sel)?;
-    e.dns_names = parse_strings(&dns)?;
-    Ok(e)
+impl RawEntry {
+    fn finish(self) -> Result<Entry, StoreError> {
+        let RawEntry(mut e, sel, dns) = self;
+        e.selectors = parse_selectors(&sel)?;
+        e.dns_names = parse_strings(&dns)?;
+        Ok(e)
+    }
 }
 
-type RawKey = (CaKeyRecord, String, String);
+struct RawKey(CaKeyRecord, String, String);
 
 fn row_key(r: &Row<'_>) -> rusqlite::Result<RawKey> {
-    Ok((
+    Ok(RawKey(
         CaKeyRecord {
             id: r.get(0)?,
             kind: KeyKind::X509,
@@ -108,10 +92,13 @@ fn row_key(r: &Row<'_>) -> rusqlite::Result<RawKey> {
     ))
 }
 
-fn finish_key((mut k, kind, state): RawKey) -> Result<CaKeyRecord, StoreError> {
-    k.kind = kind.parse()?;
-    k.state = state.parse()?;
-    Ok(k)
+impl RawKey {
+    fn finish(self) -> Result<CaKeyRecord, StoreError> {
+        let RawKey(mut k, kind, state) = self;
+        k.kind = kind.parse()?;
+        k.state = state.parse()?;
+        Ok(k)
+    }
 }
 
 fn row_issued(r: &Row<'_>) -> rusqlite::Result<(IssuedRecord, String)> {
@@ -129,65 +116,78 @@ fn row_issued(r: &Row<'_>) -> rusqlite::Result<(IssuedRecord, String)> {
     ))
 }
 
+/// Increments a counter in `meta` inside `tx` and returns its new value.
 fn bump(tx: &Transaction<'_>, name: &str) -> rusqlite::Result<i64> {
-    tx.query_row(
-        "UPDATE meta SET value = value + 1 WHERE name = ?1 RETURNING value",
-        [name],
-        |r| r.get(0),
-    )
+    tx.prepare_cached("UPDATE meta SET value = value + 1 WHERE name = ?1 RETURNING value")?
+        .query_row([name], |r| r.get(0))
+}
+
+fn read_version(conn: &Connection) -> rusqlite::Result<i64> {
+    conn.prepare_cached("SELECT COALESCE(MAX(version), 0) FROM schema_migrations")?
+        .query_row([], |r| r.get(0))
 }
 
 impl SqliteStore {
-    /// Opens or creates the database file and applies pending migrations.
+    /// Opens or creates the database file (and its directory) and applies pending migrations.
     pub fn open(path: &Path) -> Result<Self, StoreError> {
         let p = path.display().to_string();
         let err = |source| StoreError::Sqlite {
             path: p.clone(),
             source,
         };
-        if let Some(dir) = path.parent() {
-            if !dir.as_os_str().is_empty() && !dir.exists() {
-                std::fs::create_dir_all(dir)
-                    .map_err(|e| StoreError::Corrupt(format!("{}: {e}", dir.display())))?;
-            }
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).map_err(|e| {
+                err(rusqlite::Error::SqliteFailure(
+                    rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_CANTOPEN),
+                    Some(format!("creating directory {}: {e}", dir.display())),
+                ))
+            })?;
         }
         let mut conn = Connection::open(path).map_err(err)?;
-        conn.execute_batch(
-            "PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL; PRAGMA foreign_keys = ON;
-             PRAGMA busy_timeout = 5000;",
-        )
-        .map_err(err)?;
+        conn.busy_timeout(BUSY_TIMEOUT).map_err(err)?;
+        let mode: String = conn
+            .pragma_update_and_check(None, "journal_mode", "WAL", |r| r.get(0))
+            .map_err(err)?;
+        if !mode.eq_ignore_ascii_case("wal") {
+            tracing::warn!(path = %p, journal_mode = %mode, "sqlite refused WAL mode");
+        }
+        conn.pragma_update(None, "synchronous", "NORMAL").map_err(err)?;
+        conn.pragma_update(None, "foreign_keys", true).map_err(err)?;
         conn.set_prepared_statement_cache_capacity(64);
-        let tx = conn.transaction().map_err(err)?;
-        tx.execute_batch("CREATE TABLE IF NOT EXISTS schema_migrations (version INTEGER PRIMARY KEY, applied_at INTEGER NOT NULL)")
-            .map_err(err)?;
-        let current: i64 = tx
-            .query_row(
-                "SELECT COALESCE(MAX(version), 0) FROM schema_migrations",
-                [],
-                |r| r.get(0),
-            )
-            .map_err(err)?;
-        let supported = MIGRATIONS.len() as i64;
-        if current > supported {
-            return Err(StoreError::SchemaTooNew {
-                found: current,
-                supported,
-            });
-        }
-        for (i, sql) in MIGRATIONS.iter().enumerate().skip(current as usize) {
-            tx.execute_batch(sql).map_err(err)?;
-            tx.execute(
-                "INSERT INTO schema_migrations (version, applied_at) VALUES (?1, strftime('%s','now'))",
-                [i as i64 + 1],
-            )
-            .map_err(err)?;
-        }
-        tx.commit().map_err(err)?;
+        conn.set_transaction_behavior(TransactionBehavior::Immediate);
+        Self::migrate(&mut conn).map_err(|e| match e {
+            MigrateError::Sqlite(source) => err(source),
+            MigrateError::Store(e) => e,
+        })?;
         Ok(Self {
             path: p,
             conn: Mutex::new(conn),
         })
+    }
+
+    fn migrate(conn: &mut Connection) -> Result<(), MigrateError> {
+        let tx = conn.transaction()?;
+        tx.execute_batch(
+            "CREATE TABLE IF NOT EXISTS schema_migrations (version INTEGER PRIMARY KEY, applied_at INTEGER NOT NULL)",
+        )?;
+        let current = read_version(&tx)?;
+        let steps = migrations::SQLITE;
+        if current > SCHEMA_VERSION {
+            return Err(MigrateError::Store(StoreError::SchemaTooNew {
+                found: current,
+                supported: SCHEMA_VERSION,
+            }));
+        }
+        for (version, sql) in (1_i64..).zip(steps).skip(usize::try_from(current).unwrap_or(0)) {
+            tracing::info!(version, "applying sqlite schema migration");
+            tx.execute_batch(sql)?;
+            tx.execute(
+                "INSERT INTO schema_migrations (version, applied_at) VALUES (?1, unixepoch())",
+                [version],
+            )?;
+        }
+        tx.commit()?;
+        Ok(())
     }
 
     fn err(&self, source: rusqlite::Error) -> StoreError {
@@ -197,18 +197,14 @@ impl SqliteStore {
         }
     }
 
+    /// The connection. A panic while it was held cannot leave a transaction open (rusqlite rolls back on drop),
+    /// so a poisoned lock is safe to take over.
     fn conn(&self) -> MutexGuard<'_, Connection> {
         self.conn.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     pub(super) fn schema_version(&self) -> Result<i64, StoreError> {
-        self.conn()
-            .query_row(
-                "SELECT COALESCE(MAX(version), 0) FROM schema_migrations",
-                [],
-                |r| r.get(0),
-            )
-            .map_err(|e| self.err(e))
+        read_version(&self.conn()).map_err(|e| self.err(e))
     }
 
     pub(super) fn counter(&self, name: &str) -> Result<i64, StoreError> {
@@ -218,50 +214,58 @@ impl SqliteStore {
             .map_err(|e| self.err(e))
     }
 
-    fn duplicate_of(&self, conn: &Connection, e: &Entry, key: &str) -> StoreError {
-        let existing: Option<String> = conn
-            .query_row(
+    /// Explains a constraint failure on `entries`: a duplicate of an existing entry, or (for a reused id) the raw
+    /// error.
+    fn entry_conflict(&self, conn: &Connection, e: &Entry, key: &str, source: rusqlite::Error) -> StoreError {
+        let existing = conn
+            .prepare_cached(
                 "SELECT id FROM entries WHERE spiffe_id = ?1 AND parent_id = ?2 AND selector_key = ?3",
-                params![e.spiffe_id, e.parent_id, key],
-                |r| r.get(0),
             )
-            .optional()
-            .unwrap_or(None);
-        StoreError::DuplicateEntry {
-            spiffe_id: e.spiffe_id.clone(),
-            parent_id: e.parent_id.clone(),
-            existing_id: existing.unwrap_or_default(),
+            .and_then(|mut s| {
+                s.query_row(params![e.spiffe_id, e.parent_id, key], |r| r.get(0))
+                    .optional()
+            });
+        match existing {
+            Ok(Some(existing_id)) => StoreError::DuplicateEntry {
+                spiffe_id: e.spiffe_id.clone(),
+                parent_id: e.parent_id.clone(),
+                existing_id,
+            },
+            Ok(None) => self.err(source),
+            Err(e) => self.err(e),
         }
     }
 
     pub(super) fn create_entry(&self, entry: &Entry) -> Result<Entry, StoreError> {
         let mut conn = self.conn();
-        let sel = canonical(entry);
+        let sel = canonical(&entry.selectors);
         let key = selector_set_key(&sel);
         let tx = conn.transaction().map_err(|e| self.err(e))?;
         let rev = bump(&tx, "entries_revision").map_err(|e| self.err(e))?;
-        let res = tx.execute(
-            "INSERT INTO entries (id, spiffe_id, parent_id, selectors, selector_key, x509_svid_ttl, jwt_svid_ttl,
-             dns_names, admin, revision, created_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
-            params![
-                entry.id,
-                entry.spiffe_id,
-                entry.parent_id,
-                selectors_json(&sel),
-                key,
-                entry.x509_svid_ttl,
-                entry.jwt_svid_ttl,
-                serde_json::to_string(&entry.dns_names).unwrap_or_else(|_| "[]".into()),
-                entry.admin,
-                rev,
-                entry.created_at
-            ],
-        );
+        let res = tx
+            .prepare_cached(&format!(
+                "INSERT INTO entries ({ENTRY_COLS}, selector_key) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)"
+            ))
+            .and_then(|mut s| {
+                s.execute(params![
+                    entry.id,
+                    entry.spiffe_id,
+                    entry.parent_id,
+                    selectors_json(&sel),
+                    entry.x509_svid_ttl,
+                    entry.jwt_svid_ttl,
+                    strings_json(&entry.dns_names),
+                    entry.admin,
+                    rev,
+                    entry.created_at,
+                    key,
+                ])
+            });
         match res {
             Ok(_) => {}
             Err(e) if is_constraint(&e) => {
                 drop(tx);
-                return Err(self.duplicate_of(&conn, entry, &key));
+                return Err(self.entry_conflict(&conn, entry, &key, e));
             }
             Err(e) => return Err(self.err(e)),
         }
@@ -275,42 +279,43 @@ impl SqliteStore {
 
     pub(super) fn update_entry(&self, entry: &Entry) -> Result<Entry, StoreError> {
         let mut conn = self.conn();
-        let sel = canonical(entry);
+        let sel = canonical(&entry.selectors);
         let key = selector_set_key(&sel);
         let tx = conn.transaction().map_err(|e| self.err(e))?;
         let rev = bump(&tx, "entries_revision").map_err(|e| self.err(e))?;
-        let res = tx.execute(
-            "UPDATE entries SET spiffe_id = ?2, parent_id = ?3, selectors = ?4, selector_key = ?5, x509_svid_ttl = ?6,
-             jwt_svid_ttl = ?7, dns_names = ?8, admin = ?9, revision = ?10 WHERE id = ?1",
-            params![
-                entry.id,
-                entry.spiffe_id,
-                entry.parent_id,
-                selectors_json(&sel),
-                key,
-                entry.x509_svid_ttl,
-                entry.jwt_svid_ttl,
-                serde_json::to_string(&entry.dns_names).unwrap_or_else(|_| "[]".into()),
-                entry.admin,
-                rev
-            ],
-        );
-        let n = match res {
-            Ok(n) => n,
+        let res = tx
+            .prepare_cached(
+                "UPDATE entries SET spiffe_id = ?2, parent_id = ?3, selectors = ?4, selector_key = ?5,
+                 x509_svid_ttl = ?6, jwt_svid_ttl = ?7, dns_names = ?8, admin = ?9, revision = ?10
+                 WHERE id = ?1 RETURNING created_at",
+            )
+            .and_then(|mut s| {
+                s.query_row(
+                    params![
+                        entry.id,
+                        entry.spiffe_id,
+                        entry.parent_id,
+                        selectors_json(&sel),
+                        key,
+                        entry.x509_svid_ttl,
+                        entry.jwt_svid_ttl,
+                        strings_json(&entry.dns_names),
+                        entry.admin,
+                        rev
+                    ],
+                    |r| r.get::<_, i64>(0),
+                )
+                .optional()
+            });
+        let created_at = match res {
+            Ok(Some(c)) => c,
+            Ok(None) => return Err(StoreError::EntryNotFound(entry.id.clone())),
             Err(e) if is_constraint(&e) => {
                 drop(tx);
-                return Err(self.duplicate_of(&conn, entry, &key));
+                return Err(self.entry_conflict(&conn, entry, &key, e));
             }
             Err(e) => return Err(self.err(e)),
         };
-        if n == 0 {
-            return Err(StoreError::EntryNotFound(entry.id.clone()));
-        }
-        let created_at: i64 = tx
-            .query_row("SELECT created_at FROM entries WHERE id = ?1", [&entry.id], |r| {
-                r.get(0)
-            })
-            .map_err(|e| self.err(e))?;
         tx.commit().map_err(|e| self.err(e))?;
         Ok(Entry {
             selectors: sel,
@@ -321,98 +326,104 @@ impl SqliteStore {
     }
 
     pub(super) fn get_entry(&self, id: &str) -> Result<Option<Entry>, StoreError> {
-        let conn = self.conn();
-        let raw = conn
+        let raw = self
+            .conn()
             .prepare_cached(&format!("SELECT {ENTRY_COLS} FROM entries WHERE id = ?1"))
             .and_then(|mut s| s.query_row([id], row_entry).optional())
             .map_err(|e| self.err(e))?;
-        raw.map(finish_entry).transpose()
+        raw.map(RawEntry::finish).transpose()
     }
 
     pub(super) fn list_entries(&self, f: &EntryFilter) -> Result<Vec<Entry>, StoreError> {
         let conn = self.conn();
         let mut stmt = conn
             .prepare_cached(&format!(
-                "SELECT {ENTRY_COLS} FROM entries WHERE (?1 IS NULL OR spiffe_id = ?1) AND (?2 IS NULL OR parent_id = ?2)
+                "SELECT {ENTRY_COLS} FROM entries
+                 WHERE (?1 IS NULL OR spiffe_id = ?1) AND (?2 IS NULL OR parent_id = ?2)
+                   AND (?3 IS NULL OR EXISTS (SELECT 1 FROM json_each(entries.selectors) AS s WHERE s.value = ?3))
                  ORDER BY created_at, id"
             ))
             .map_err(|e| self.err(e))?;
+        let selector = f.selector.as_ref().map(ToString::to_string);
         let rows = stmt
-            .query_map(params![f.spiffe_id, f.parent_id], row_entry)
+            .query_map(params![f.spiffe_id, f.parent_id, selector], row_entry)
             .map_err(|e| self.err(e))?;
-        let mut out = Vec::new();
-        for r in rows {
-            let e = finish_entry(r.map_err(|e| self.err(e))?)?;
-            if f.selector.as_ref().is_none_or(|s| e.selectors.contains(s)) {
-                out.push(e);
-            }
-        }
-        Ok(out)
+        rows.map(|r| r.map_err(|e| self.err(e)).and_then(RawEntry::finish))
+            .collect()
     }
 
     pub(super) fn delete_entry(&self, id: &str) -> Result<Entry, StoreError> {
         let mut conn = self.conn();
         let tx = conn.transaction().map_err(|e| self.err(e))?;
         let raw = tx
-            .query_row(
-                &format!("SELECT {ENTRY_COLS} FROM entries WHERE id = ?1"),
-                [id],
-                row_entry,
-            )
-            .optional()
+            .prepare_cached(&format!(
+                "DELETE FROM entries WHERE id = ?1 RETURNING {ENTRY_COLS}"
+            ))
+            .and_then(|mut s| s.query_row([id], row_entry).optional())
             .map_err(|e| self.err(e))?
             .ok_or_else(|| StoreError::EntryNotFound(id.to_owned()))?;
-        tx.execute("DELETE FROM entries WHERE id = ?1", [id])
-            .map_err(|e| self.err(e))?;
+        let entry = raw.finish()?;
         bump(&tx, "entries_revision").map_err(|e| self.err(e))?;
         tx.commit().map_err(|e| self.err(e))?;
-        finish_entry(raw)
+        Ok(entry)
     }
 
     pub(super) fn create_join_token(&self, t: &JoinToken) -> Result<(), StoreError> {
         self.conn()
-            .execute(
+            .prepare_cached(
                 "INSERT INTO join_tokens (token, agent_spiffe_id, expires_at, created_at) VALUES (?1, ?2, ?3, ?4)",
-                params![t.token, t.agent_spiffe_id, t.expires_at, t.created_at],
             )
+            .and_then(|mut s| s.execute(params![t.token, t.agent_spiffe_id, t.expires_at, t.created_at]))
             .map_err(|e| self.err(e))?;
         Ok(())
     }
 
+    /// Deletes a token and returns what it was (one statement, so two callers can never both get it).
     pub(super) fn take_join_token(&self, token: &str) -> Result<Option<JoinToken>, StoreError> {
         self.conn()
-            .query_row(
+            .prepare_cached(
                 "DELETE FROM join_tokens WHERE token = ?1 RETURNING token, agent_spiffe_id, expires_at, created_at",
-                [token],
-                |r| {
+            )
+            .and_then(|mut s| {
+                s.query_row([token], |r| {
                     Ok(JoinToken {
                         token: r.get(0)?,
                         agent_spiffe_id: r.get(1)?,
                         expires_at: r.get(2)?,
                         created_at: r.get(3)?,
                     })
-                },
-            )
-            .optional()
+                })
+                .optional()
+            })
             .map_err(|e| self.err(e))
     }
 
     pub(super) fn prune_join_tokens(&self, now: i64) -> Result<u64, StoreError> {
         self.conn()
-            .execute("DELETE FROM join_tokens WHERE expires_at <= ?1", [now])
+            .prepare_cached("DELETE FROM join_tokens WHERE expires_at <= ?1")
+            .and_then(|mut s| s.execute([now]))
             .map(|n| n as u64)
             .map_err(|e| self.err(e))
     }
 
     pub(super) fn upsert_node(&self, n: &NodeRecord) -> Result<(), StoreError> {
         self.conn()
-            .execute(
+            .prepare_cached(
                 "INSERT INTO nodes (spiffe_id, attestation_type, serial, expires_at, created_at, updated_at)
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6)
                  ON CONFLICT (spiffe_id) DO UPDATE SET attestation_type = excluded.attestation_type,
                    serial = excluded.serial, expires_at = excluded.expires_at, updated_at = excluded.updated_at",
-                params![n.spiffe_id, n.attestation_type, n.serial, n.expires_at, n.created_at, n.updated_at],
             )
+            .and_then(|mut s| {
+                s.execute(params![
+                    n.spiffe_id,
+                    n.attestation_type,
+                    n.serial,
+                    n.expires_at,
+                    n.created_at,
+                    n.updated_at
+                ])
+            })
             .map_err(|e| self.err(e))?;
         Ok(())
     }
@@ -420,7 +431,8 @@ impl SqliteStore {
     pub(super) fn get_node(&self, id: &str) -> Result<Option<NodeRecord>, StoreError> {
         self.conn()
             .prepare_cached(
-                "SELECT spiffe_id, attestation_type, serial, expires_at, created_at, updated_at FROM nodes WHERE spiffe_id = ?1",
+                "SELECT spiffe_id, attestation_type, serial, expires_at, created_at, updated_at
+                 FROM nodes WHERE spiffe_id = ?1",
             )
             .and_then(|mut s| {
                 s.query_row([id], |r| {
@@ -441,32 +453,42 @@ impl SqliteStore {
     pub(super) fn insert_ca_key(&self, k: &CaKeyRecord) -> Result<(), StoreError> {
         let mut conn = self.conn();
         let tx = conn.transaction().map_err(|e| self.err(e))?;
-        let res = tx.execute(
-            &format!(
+        let res = tx
+            .prepare_cached(&format!(
                 "INSERT INTO ca_keys ({KEY_COLS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)"
-            ),
-            params![
-                k.id,
-                k.kind.as_str(),
-                k.state.as_str(),
-                k.key_type,
-                k.key_ref,
-                k.certificate,
-                k.public_key_spki,
-                k.not_before,
-                k.not_after,
-                k.created_at,
-                k.activated_at,
-                k.retired_at
-            ],
-        );
+            ))
+            .and_then(|mut s| {
+                s.execute(params![
+                    k.id,
+                    k.kind.as_str(),
+                    k.state.as_str(),
+                    k.key_type,
+                    k.key_ref,
+                    k.certificate,
+                    k.public_key_spki,
+                    k.not_before,
+                    k.not_after,
+                    k.created_at,
+                    k.activated_at,
+                    k.retired_at
+                ])
+            });
         match res {
             Ok(_) => {}
             Err(e) if is_constraint(&e) => {
-                return Err(StoreError::KeySlotTaken {
-                    kind: k.kind.as_str(),
-                    state: k.state.as_str(),
-                })
+                // Either the id is reused (a bug in the caller: report it raw) or the slot is taken.
+                let id_taken = tx
+                    .prepare_cached("SELECT 1 FROM ca_keys WHERE id = ?1")
+                    .and_then(|mut s| s.exists([&k.id]))
+                    .map_err(|e| self.err(e))?;
+                return Err(if id_taken {
+                    self.err(e)
+                } else {
+                    StoreError::KeySlotTaken {
+                        kind: k.kind.as_str(),
+                        state: k.state.as_str(),
+                    }
+                });
             }
             Err(e) => return Err(self.err(e)),
         }
@@ -482,37 +504,31 @@ impl SqliteStore {
             ))
             .map_err(|e| self.err(e))?;
         let rows = stmt.query_map([], row_key).map_err(|e| self.err(e))?;
-        let mut out = Vec::new();
-        for r in rows {
-            out.push(finish_key(r.map_err(|e| self.err(e))?)?);
-        }
-        Ok(out)
+        rows.map(|r| r.map_err(|e| self.err(e)).and_then(RawKey::finish))
+            .collect()
     }
 
     pub(super) fn activate_ca_key(&self, kind: KeyKind, id: &str, now: i64) -> Result<bool, StoreError> {
         let mut conn = self.conn();
+        // IMMEDIATE: holds the write lock from the start, so another process cannot interleave.
         let tx = conn.transaction().map_err(|e| self.err(e))?;
-        let prepared: Option<String> = tx
-            .query_row(
-                "SELECT id FROM ca_keys WHERE id = ?1 AND kind = ?2 AND state = 'prepared'",
-                params![id, kind.as_str()],
-                |r| r.get(0),
+        // Demote the active key only if `id` is still prepared; then promote conditionally and count.
+        tx.prepare_cached(
+            "UPDATE ca_keys SET state = 'old' WHERE kind = ?1 AND state = 'active'
+               AND EXISTS (SELECT 1 FROM ca_keys WHERE id = ?2 AND kind = ?1 AND state = 'prepared')",
+        )
+        .and_then(|mut s| s.execute(params![kind.as_str(), id]))
+        .map_err(|e| self.err(e))?;
+        let promoted = tx
+            .prepare_cached(
+                "UPDATE ca_keys SET state = 'active', activated_at = ?3
+                 WHERE id = ?2 AND kind = ?1 AND state = 'prepared'",
             )
-            .optional()
+            .and_then(|mut s| s.execute(params![kind.as_str(), id, now]))
             .map_err(|e| self.err(e))?;
-        if prepared.is_none() {
-            return Ok(false);
+        if promoted != 1 {
+            return Ok(false); // dropping `tx` rolls back
         }
-        tx.execute(
-            "UPDATE ca_keys SET state = 'old' WHERE kind = ?1 AND state = 'active'",
-            [kind.as_str()],
-        )
-        .map_err(|e| self.err(e))?;
-        tx.execute(
-            "UPDATE ca_keys SET state = 'active', activated_at = ?2 WHERE id = ?1 AND state = 'prepared'",
-            params![id, now],
-        )
-        .map_err(|e| self.err(e))?;
         bump(&tx, "bundle_sequence").map_err(|e| self.err(e))?;
         tx.commit().map_err(|e| self.err(e))?;
         Ok(true)
@@ -522,10 +538,10 @@ impl SqliteStore {
         let mut conn = self.conn();
         let tx = conn.transaction().map_err(|e| self.err(e))?;
         let n = tx
-            .execute(
+            .prepare_cached(
                 "UPDATE ca_keys SET state = 'retired', retired_at = ?2 WHERE id = ?1 AND state = 'old'",
-                params![id, now],
             )
+            .and_then(|mut s| s.execute(params![id, now]))
             .map_err(|e| self.err(e))?;
         if n == 0 {
             return Err(StoreError::KeyNotFound(id.to_owned()));
@@ -554,6 +570,7 @@ impl SqliteStore {
                     r.requested_by
                 ]) {
                     Ok(_) => {}
+                    // The only constraint on `issued` is the serial; dropping `tx` discards the whole batch.
                     Err(e) if is_constraint(&e) => return Err(StoreError::DuplicateSerial(r.serial.clone())),
                     Err(e) => return Err(self.err(e)),
                 }
@@ -573,13 +590,12 @@ impl SqliteStore {
         let rows = stmt
             .query_map(params![f.spiffe_id, f.serial, limit(f.limit)], row_issued)
             .map_err(|e| self.err(e))?;
-        let mut out = Vec::new();
-        for r in rows {
+        rows.map(|r| {
             let (mut rec, kind) = r.map_err(|e| self.err(e))?;
             rec.kind = kind.parse()?;
-            out.push(rec);
-        }
-        Ok(out)
+            Ok(rec)
+        })
+        .collect()
     }
 
     pub(super) fn max_not_after_signed_by(&self, key_id: &str) -> Result<Option<i64>, StoreError> {
@@ -588,13 +604,16 @@ impl SqliteStore {
             .and_then(|mut s| s.query_row([key_id], |r| r.get(0)))
             .map_err(|e| self.err(e))
     }
+}
 
-    /// Test hook: pretend the database was written by a newer version.
-    #[cfg(test)]
-    pub(super) fn bump_schema_for_test(&self) {
-        let _ = self.conn().execute(
-            "INSERT INTO schema_migrations (version, applied_at) VALUES (999, 0)",
-            [],
-        );
+/// Migration failures before the store (and its path-carrying error helper) exists.
+enum MigrateError {
+    Sqlite(rusqlite::Error),
+    Store(StoreError),
+}
+
+impl From<rusqlite::Error> for MigrateError {
+    fn from(e: rusqlite::Error) -> Self {
+        Self::Sqlite(e)
     }
 }
