@@ -288,24 +288,52 @@ impl Agent for AgentApi {
         tokio::spawn(async move {
             let mut entries_rx = ca.subscribe_entries();
             let mut bundle_rx = ca.authority.subscribe();
-            let mut last: Option<(Vec<Entry>, i64)> = None;
+            // What this agent holds: entry id -> revision. None until the first (full) message is sent.
+            let mut sent: Option<HashMap<String, i64>> = None;
+            let mut sent_bundle = -1;
             loop {
                 entries_rx.borrow_and_update();
                 let bundle = bundle_rx.borrow_and_update().clone();
                 let revision = *entries_rx.borrow();
                 match ca.authorized_entries(&id).await {
                     Ok(entries) => {
-                        let current = (entries, bundle.sequence);
-                        if last.as_ref() != Some(&current) {
-                            let msg = pb::WatchUpdatesResponse {
-                                entries: current.0.iter().map(entry_to_pb).collect(),
+                        let msg = match &sent {
+                            None => Some(pb::WatchUpdatesResponse {
+                                entries: entries.iter().map(entry_to_pb).collect(),
                                 bundle: Some(bundle_to_pb(ca.td.as_str(), &bundle)),
                                 revision,
-                            };
+                                removed_entry_ids: Vec::new(),
+                                full: true,
+                            }),
+                            Some(held) => {
+                                let upserted: Vec<pb::Entry> = entries
+                                    .iter()
+                                    .filter(|e| held.get(&e.id) != Some(&e.revision))
+                                    .map(entry_to_pb)
+                                    .collect();
+                                let removed: Vec<String> = held
+                                    .keys()
+                                    .filter(|k| !entries.iter().any(|e| &e.id == *k))
+                                    .cloned()
+                                    .collect();
+                                (!upserted.is_empty()
+                                    || !removed.is_empty()
+                                    || bundle.sequence != sent_bundle)
+                                    .then(|| pb::WatchUpdatesResponse {
+                                        entries: upserted,
+                                        bundle: Some(bundle_to_pb(ca.td.as_str(), &bundle)),
+                                        revision,
+                                        removed_entry_ids: removed,
+                                        full: false,
+                                    })
+                            }
+                        };
+                        if let Some(msg) = msg {
                             if tx.send(Ok(msg)).await.is_err() {
                                 return;
                             }
-                            last = Some(current);
+                            sent = Some(entries.iter().map(|e| (e.id.clone(), e.revision)).collect());
+                            sent_bundle = bundle.sequence;
                         }
                     }
                     Err(e) => {

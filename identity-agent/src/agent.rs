@@ -91,11 +91,79 @@ pub struct Entry {
     pub dns_names: Vec<String>,
 }
 
+/// This node's entries, indexed by id and by selector (a workload lookup touches only entries sharing one of its
+/// selectors, not all of them).
+#[derive(Debug, Clone, Default)]
+pub struct Entries {
+    by_id: HashMap<String, Arc<Entry>>,
+    by_selector: HashMap<Selector, Vec<String>>,
+}
+
+impl Entries {
+    fn from_map(by_id: HashMap<String, Arc<Entry>>) -> Self {
+        let mut by_selector: HashMap<Selector, Vec<String>> = HashMap::new();
+        for e in by_id.values() {
+            for s in &e.selectors {
+                by_selector.entry(s.clone()).or_default().push(e.id.clone());
+            }
+        }
+        Self { by_id, by_selector }
+    }
+
+    /// The entries after a CA update: a full replacement, or upserts and removals on top of these.
+    fn apply(&self, full: bool, upserts: Vec<Entry>, removed: &[String]) -> Self {
+        let mut map = if full { HashMap::new() } else { self.by_id.clone() };
+        for id in removed {
+            map.remove(id);
+        }
+        for e in upserts {
+            map.insert(e.id.clone(), Arc::new(e));
+        }
+        Self::from_map(map)
+    }
+
+    /// Number of entries.
+    pub fn len(&self) -> usize {
+        self.by_id.len()
+    }
+
+    /// Whether there are none.
+    pub fn is_empty(&self) -> bool {
+        self.by_id.is_empty()
+    }
+
+    /// One entry by id.
+    pub fn get(&self, id: &str) -> Option<&Arc<Entry>> {
+        self.by_id.get(id)
+    }
+
+    /// All entries.
+    pub fn iter(&self) -> impl Iterator<Item = &Arc<Entry>> {
+        self.by_id.values()
+    }
+
+    /// Entries all of whose selectors the workload has, ordered by id.
+    pub fn matching(&self, workload: &[Selector]) -> Vec<Entry> {
+        let mut ids: Vec<&String> = workload
+            .iter()
+            .filter_map(|s| self.by_selector.get(s))
+            .flatten()
+            .collect();
+        ids.sort();
+        ids.dedup();
+        ids.into_iter()
+            .filter_map(|id| self.by_id.get(id))
+            .filter(|e| crate::attest::matches(&e.selectors, workload))
+            .map(|e| (**e).clone())
+            .collect()
+    }
+}
+
 /// The live view from the CA.
 #[derive(Debug, Clone, Default)]
 pub struct Snapshot {
     /// Entries of this node.
-    pub entries: Vec<Entry>,
+    pub entries: Arc<Entries>,
     /// X.509 roots.
     pub roots: Vec<Vec<u8>>,
     /// JWT bundle (the whole SPIFFE bundle; JWT keys are those with use jwt-svid).
@@ -578,10 +646,10 @@ impl Agent {
                 tracing::error!(error = %e, "ignoring an unusable bundle from the CA");
             }
         }
-        let entries: Vec<Entry> = u.entries.iter().filter_map(entry_from_pb).collect();
+        let upserts: Vec<Entry> = u.entries.iter().filter_map(entry_from_pb).collect();
         self.state.send_modify(|s| {
             let mut n = (**s).clone();
-            n.entries = entries;
+            n.entries = Arc::new(n.entries.apply(u.full, upserts, &u.removed_entry_ids));
             n.revision = u.revision;
             n.connected = true;
             *s = Arc::new(n);
@@ -594,13 +662,13 @@ impl Agent {
             .unwrap_or_else(|e| e.into_inner())
             .retain(|id, c| {
                 snap.entries
-                    .iter()
-                    .any(|e| &e.id == id && e.spiffe_id.to_string() == c.svid.spiffe_id)
+                    .get(id)
+                    .is_some_and(|e| e.spiffe_id.to_string() == c.svid.spiffe_id)
             });
         self.jwt
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .retain(|(id, _), _| snap.entries.iter().any(|e| &e.id == id));
+            .retain(|(id, _), _| snap.entries.get(id).is_some());
         tracing::debug!(
             entries = snap.entries.len(),
             revision = u.revision,
@@ -673,7 +741,7 @@ impl Agent {
         let mut params = Vec::new();
         let mut keys = Vec::new();
         for id in entry_ids {
-            let Some(e) = snap.entries.iter().find(|e| &e.id == id) else {
+            let Some(e) = snap.entries.get(id) else {
                 continue;
             };
             let sid = e.spiffe_id.to_string();
@@ -743,12 +811,7 @@ impl Agent {
 
     /// Entries matching `selectors`.
     pub fn entries_for(&self, selectors: &[Selector]) -> Vec<Entry> {
-        self.snapshot()
-            .entries
-            .iter()
-            .filter(|e| crate::attest::matches(&e.selectors, selectors))
-            .cloned()
-            .collect()
+        self.snapshot().entries.matching(selectors)
     }
 
     /// X.509-SVIDs for `entries`, minting what is missing. Cached SVIDs are served while still valid even when the
@@ -890,4 +953,61 @@ fn csr_for_signer(signer: &Arc<dyn trustline_hsm::Signer>) -> Result<Vec<u8>, Ag
         .serialize_request(&Remote(signer.clone()))
         .map_err(|e| AgentError::Protocol(e.to_string()))?;
     Ok(csr.der().to_vec())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn e(id: &str, spiffe: &str, sels: &[&str]) -> Entry {
+        Entry {
+            id: id.into(),
+            spiffe_id: SpiffeId::new(spiffe).unwrap(),
+            selectors: sels.iter().map(|s| s.parse().unwrap()).collect(),
+            dns_names: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn full_snapshots_deltas_and_selector_lookup() {
+        let sel = |s: &str| -> Selector { s.parse().unwrap() };
+        let base = Entries::default().apply(
+            true,
+            vec![
+                e("a", "spiffe://example.org/a", &["unix:uid:1"]),
+                e("b", "spiffe://example.org/b", &["unix:uid:1", "unix:path:/bin/b"]),
+                e("c", "spiffe://example.org/c", &["unix:uid:2"]),
+            ],
+            &[],
+        );
+        assert_eq!(base.len(), 3);
+        let w1 = [sel("unix:uid:1"), sel("unix:gid:1")];
+        let ids: Vec<String> = base.matching(&w1).into_iter().map(|e| e.id).collect();
+        assert_eq!(ids, vec!["a"], "b needs its path selector too");
+        let w1b = [sel("unix:uid:1"), sel("unix:path:/bin/b")];
+        let ids: Vec<String> = base.matching(&w1b).into_iter().map(|e| e.id).collect();
+        assert_eq!(ids, vec!["a", "b"]);
+        // A delta: c removed, a changed to uid 3, d added.
+        let next = base.apply(
+            false,
+            vec![
+                e("a", "spiffe://example.org/a2", &["unix:uid:3"]),
+                e("d", "spiffe://example.org/d", &["unix:uid:2"]),
+            ],
+            &["c".to_owned()],
+        );
+        assert_eq!(next.len(), 3);
+        assert!(next.get("c").is_none());
+        assert!(next.matching(&w1).is_empty(), "a moved away from uid 1");
+        let ids: Vec<String> = next
+            .matching(&[sel("unix:uid:2")])
+            .into_iter()
+            .map(|e| e.id)
+            .collect();
+        assert_eq!(ids, vec!["d"]);
+        // A full snapshot replaces everything.
+        let reset = next.apply(true, vec![e("z", "spiffe://example.org/z", &["unix:uid:9"])], &[]);
+        assert_eq!(reset.len(), 1);
+        assert_eq!(base.len(), 3, "old snapshots are untouched");
+    }
 }

@@ -564,7 +564,7 @@ async fn entry_changes_reach_a_watching_agent_quickly() {
         .unwrap()
         .into_inner();
     let first = stream.message().await.unwrap().unwrap();
-    assert!(first.entries.is_empty());
+    assert!(first.full && first.entries.is_empty());
     let started = Instant::now();
     ca.cli_ok(&[
         "entry",
@@ -585,7 +585,8 @@ async fn entry_changes_reach_a_watching_agent_quickly() {
         "entry propagation (CLI process start to agent stream): {:?}",
         started.elapsed()
     );
-    assert_eq!(update.entries.len(), 1);
+    assert_eq!(update.entries.len(), 1, "a delta with the new entry only");
+    assert!(!update.full);
     assert_eq!(update.entries[0].spiffe_id, WEB);
     // An entry for another node does not wake this agent with a change.
     ca.cli_ok(&[
@@ -604,12 +605,27 @@ async fn entry_changes_reach_a_watching_agent_quickly() {
         .unwrap()
         .unwrap()
         .unwrap();
-    assert_eq!(next.entries.len(), 1, "still only this node's entry");
+    assert!(
+        next.entries.is_empty() && next.removed_entry_ids.is_empty() && !next.full,
+        "a delta with no entry change for this node"
+    );
     assert_eq!(
         next.bundle.unwrap().x509_authorities.len(),
         2,
         "the bundle change (prepared key) is pushed"
     );
+    // Deleting the node's entry is pushed as a removal.
+    let listed = ca.cli_ok(&["entry", "list", "--parent-id", &agent_id, "--output", "json"]);
+    let listed: serde_json::Value = serde_json::from_str(listed.lines().next().unwrap()).unwrap();
+    let entry_id = listed["id"].as_str().unwrap().to_owned();
+    ca.cli_ok(&["entry", "delete", "--id", &entry_id]);
+    let gone = tokio::time::timeout(Duration::from_secs(10), stream.message())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(gone.removed_entry_ids, vec![entry_id]);
+    assert!(gone.entries.is_empty());
 }
 
 #[tokio::test(flavor = "multi_thread")]
