@@ -66,27 +66,8 @@ pub fn service(ca: Arc<Ca>, allowed: Vec<u32>) -> InterceptedService<AdminServer
 /// Binds the admin socket: creates its folder (0700), replaces a stale socket file, and sets the file mode to
 /// 0600 (0666 when other uids are admitted: the uid guard is then the gate).
 pub fn bind(path: &Path, others_allowed: bool) -> std::io::Result<UnixListener> {
-    use std::os::unix::fs::PermissionsExt;
-    if let Some(dir) = path.parent() {
-        if !dir.as_os_str().is_empty() && !dir.exists() {
-            std::fs::create_dir_all(dir)?;
-            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
-        }
-    }
-    if path.exists() {
-        // A live CA on this socket would answer; a stale file from a crash would not.
-        if std::os::unix::net::UnixStream::connect(path).is_ok() {
-            return Err(std::io::Error::new(
-                std::io::ErrorKind::AddrInUse,
-                format!("{} is in use by a running CA", path.display()),
-            ));
-        }
-        std::fs::remove_file(path)?;
-    }
-    let listener = UnixListener::bind(path)?;
     let mode = if others_allowed { 0o666 } else { 0o600 };
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))?;
-    Ok(listener)
+    UnixListener::from_std(trustline_identity::uds::bind(path, 0o700, mode)?)
 }
 
 impl AdminApi {

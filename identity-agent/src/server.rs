@@ -8,30 +8,13 @@ use crate::agent::{Agent, AgentError};
 use crate::config::Validated;
 
 fn bind(path: &Path) -> Result<UnixListener, AgentError> {
-    use std::os::unix::fs::PermissionsExt;
-    let err = |e: std::io::Error| AgentError::File {
-        path: path.to_owned(),
-        reason: e.to_string(),
-    };
-    if let Some(dir) = path.parent() {
-        if !dir.exists() {
-            std::fs::create_dir_all(dir).map_err(err)?;
-            // Workloads of any uid must reach the sockets; attestation by peer credentials is the gate.
-            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755)).map_err(err)?;
-        }
-    }
-    if path.exists() {
-        if std::os::unix::net::UnixStream::connect(path).is_ok() {
-            return Err(err(std::io::Error::new(
-                std::io::ErrorKind::AddrInUse,
-                "in use by a running agent",
-            )));
-        }
-        std::fs::remove_file(path).map_err(err)?;
-    }
-    let l = UnixListener::bind(path).map_err(err)?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o777)).map_err(err)?;
-    Ok(l)
+    // Workloads of any uid must reach the sockets; attestation by peer credentials is the gate.
+    trustline_identity::uds::bind(path, 0o755, 0o777)
+        .and_then(UnixListener::from_std)
+        .map_err(|e| AgentError::File {
+            path: path.to_owned(),
+            reason: e.to_string(),
+        })
 }
 
 /// Runs the agent until `shutdown` resolves. `ready` is called once both sockets listen.

@@ -19,3 +19,4 @@ pub mod bundle;
 pub mod jwt;
 pub mod spiffe_id;
 pub mod tls;
+pub mod uds;
