@@ -688,7 +688,13 @@ impl Agent {
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
                 .iter()
-                .filter(|(_, c)| now >= self.cfg.renew_at(c.svid.not_before, c.svid.not_after))
+                .filter(|(_, c)| {
+                    now >= self.cfg.renew_at_jittered(
+                        c.svid.not_before,
+                        c.svid.not_after,
+                        c.svid.chain.first().map_or(&[][..], Vec::as_slice),
+                    )
+                })
                 .map(|(id, _)| id.clone())
                 .collect();
             let prewarm: Vec<String> = if self.cfg.raw.svid.prewarm.is_empty() {

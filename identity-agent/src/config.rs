@@ -224,6 +224,20 @@ impl Validated {
     pub fn renew_at(&self, not_before: i64, not_after: i64) -> i64 {
         not_before + (((not_after - not_before) as f64) * self.raw.svid.rotate_fraction) as i64
     }
+
+    /// [`renew_at`](Self::renew_at) moved earlier by up to 10 % of the lifetime, spread by `seed`, so SVIDs issued
+    /// together (a node restart, a CA rotation) are not all renewed in the same second, as SPIRE does.
+    pub fn renew_at_jittered(&self, not_before: i64, not_after: i64, seed: &[u8]) -> i64 {
+        let life = (not_after - not_before).max(0);
+        let spread = life / 10;
+        if spread == 0 {
+            return self.renew_at(not_before, not_after);
+        }
+        let h = seed.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+            (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3)
+        });
+        self.renew_at(not_before, not_after) - (h % spread as u64) as i64
+    }
 }
 
 /// Parses `90s`, `5m`, `1h` style durations.
@@ -234,6 +248,13 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_shipped_example_parses() {
+        let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/examples/agent.toml");
+        let v = Config::load(&p).unwrap();
+        assert_eq!(v.socket, PathBuf::from("/run/trustline/agent/workload.sock"));
+    }
 
     #[test]
     fn parses_with_defaults_and_names_bad_fields() {
@@ -249,6 +270,12 @@ mod tests {
             PathBuf::from("/etc/trustline/.trustline/agent/sockets/workload.sock")
         );
         assert_eq!(v.renew_at(0, 100), 50);
+        let j: Vec<i64> = (0..50u8).map(|i| v.renew_at_jittered(0, 1000, &[i])).collect();
+        assert!(j.iter().all(|t| (400..=500).contains(t)), "{j:?}");
+        assert!(
+            j.iter().collect::<std::collections::HashSet<_>>().len() > 10,
+            "spread out"
+        );
         let err = Config::parse(p, "trust_domain = \"example.org\"\nca_address = \"127.0.0.1:8081\"\ntrust_bundle = \"b\"\nsokcet = \"x\"\n").unwrap_err();
         assert!(err.to_string().contains("sokcet"), "{err}");
         let err = Config::parse(

@@ -59,7 +59,13 @@ async fn the_rust_spiffe_client_gets_svids_bundles_and_jwts() {
     let ca = Ca::start(&tmp.path().join("ca"));
     let me = format!("unix:uid:{}", my_uid());
     entry(&ca, "spiffe://example.org/web", NODE, &me);
-    let agent = Agent::start(&tmp.path().join("agent"), &ca, Some(&node_token(&ca, NODE)), "");
+    let metrics_port = trustline_tests::free_port();
+    let agent = Agent::start(
+        &tmp.path().join("agent"),
+        &ca,
+        Some(&node_token(&ca, NODE)),
+        &format!("health_listen = \"127.0.0.1:{metrics_port}\"\n"),
+    );
     assert_eq!(agent.id, NODE);
 
     let c = client(&agent).await;
@@ -134,6 +140,29 @@ async fn the_rust_spiffe_client_gets_svids_bundles_and_jwts() {
         started.elapsed()
     );
     assert!(started.elapsed() < Duration::from_secs(10));
+
+    // Prometheus metrics.
+    let metrics = {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut s = tokio::net::TcpStream::connect(("127.0.0.1", metrics_port))
+            .await
+            .unwrap();
+        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            .await
+            .unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).await.unwrap();
+        out
+    };
+    assert!(
+        metrics.contains("trustline_agent_requests_total{api=\"http\",method=\"jwt-svid\",outcome=\"ok\"}"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("trustline_agent_x509_svids_minted_total"),
+        "{metrics}"
+    );
+    assert!(metrics.contains("trustline_agent_ca_connected 1"), "{metrics}");
 }
 
 #[tokio::test(flavor = "multi_thread")]
