@@ -410,6 +410,26 @@ mod tests {
         assert!(fix.process().is_err());
     }
 
+    /// Workloads control every byte of this stream: mutated frames must give an error or output, never a panic.
+    #[test]
+    fn mutated_frames_never_panic() {
+        let mut enc = loona_hpack::Encoder::new();
+        let block = enc.encode([
+            (&b":authority"[..], &b"run%2Fagent.sock"[..]),
+            (&b":path"[..], &b"/x"[..]),
+        ]);
+        let mut input = PREFACE.to_vec();
+        input.extend(frame(HEADERS, END_HEADERS, 1, &block));
+        input.extend(frame(0x0, END_STREAM, 1, b"data"));
+        let mut rng = trustline_identity::mutate::Rng::new(5);
+        for _ in 0..3000 {
+            let m = trustline_identity::mutate::mutate(&mut rng, &input);
+            let mut fix = AuthorityFix::new(());
+            fix.raw.extend_from_slice(&m);
+            let _ = fix.process();
+        }
+    }
+
     #[test]
     fn long_integers_encode_per_rfc7541() {
         let mut out = Vec::new();

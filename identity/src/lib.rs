@@ -17,6 +17,8 @@ pub mod selector;
 pub use selector::{selector_set_key, Selector, SelectorError};
 pub mod bundle;
 pub mod jwt;
+#[doc(hidden)]
+pub mod mutate;
 pub mod spiffe_id;
 pub mod tls;
 pub mod uds;
