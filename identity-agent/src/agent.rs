@@ -187,9 +187,10 @@ pub struct X509Svid {
     pub chain: Vec<Vec<u8>>,
     /// PKCS#8 DER private key.
     pub key: Arc<Zeroizing<Vec<u8>>>,
-    /// Validity.
+    /// Start of its lifetime for renewal purposes: when it was received (certificates are backdated for clock
+    /// skew, so `notBefore` lies a little earlier).
     pub not_before: i64,
-    /// Validity.
+    /// Expiry (`notAfter`).
     pub not_after: i64,
 }
 
@@ -475,6 +476,8 @@ impl Agent {
             .first()
             .ok_or_else(|| AgentError::Protocol("empty agent SVID".into()))?;
         let (nb, na) = cert_validity(leaf)?;
+        // Certificates are backdated for clock skew; measure the lifetime from when we got it.
+        let nb = nb.max(now_unix());
         self.persist(&svid.spiffe_id, &svid.cert_chain, key_ref)?;
         self.cert.set_signer(svid.cert_chain.clone(), signer);
         *self.identity.write().unwrap_or_else(|e| e.into_inner()) = Some((svid.spiffe_id.clone(), nb, na));
@@ -483,7 +486,8 @@ impl Agent {
 
     async fn attest(&self, token: &str, anon: Arc<rustls::ClientConfig>) -> Result<(), AgentError> {
         let (signer, key_ref) = self.keys.generate(KeyType::EcP256)?;
-        let csr = csr_for_signer(&signer)?;
+        // The agent's ID is decided by the token, so the attestation CSR names none.
+        let csr = csr_for_signer(&signer, &[])?;
         let mut c = AgentClient::new(connector(self.cfg.raw.ca_address, anon)?);
         let resp = c
             .attest_agent(pb::AttestAgentRequest {
@@ -504,7 +508,7 @@ impl Agent {
         Ok(())
     }
 
-    /// The agent's SPIFFE ID and SVID validity.
+    /// The agent's SPIFFE ID, the start of its SVID's lifetime for renewal (when received) and its expiry.
     pub fn identity(&self) -> Option<(String, i64, i64)> {
         self.identity.read().unwrap_or_else(|e| e.into_inner()).clone()
     }
@@ -578,8 +582,8 @@ impl Agent {
 
     async fn renew_agent(&self, id: &str) -> Result<(), AgentError> {
         let (signer, key_ref) = self.keys.generate(KeyType::EcP256)?;
-        let csr = csr_for_signer(&signer)?;
-        let _ = id;
+        // The CA checks that a renewal CSR names the agent's own ID (or nothing).
+        let csr = csr_for_signer(&signer, &[id])?;
         let svid = self
             .client
             .clone()
@@ -778,6 +782,8 @@ impl Agent {
                         continue;
                     };
                     let (nb, na) = cert_validity(leaf)?;
+                    // Backdated for clock skew; renewal counts from receipt.
+                    let nb = nb.max(now_unix());
                     cache.insert(
                         id.clone(),
                         CachedX509 {
@@ -935,7 +941,7 @@ impl Agent {
     }
 }
 
-fn csr_for_signer(signer: &Arc<dyn trustline_hsm::Signer>) -> Result<Vec<u8>, AgentError> {
+fn csr_for_signer(signer: &Arc<dyn trustline_hsm::Signer>, uris: &[&str]) -> Result<Vec<u8>, AgentError> {
     // rcgen builds and signs the CSR through the hsm signer, so the agent key never leaves the key store.
     struct Remote(Arc<dyn trustline_hsm::Signer>);
     impl rcgen::PublicKeyData for Remote {
@@ -953,8 +959,14 @@ fn csr_for_signer(signer: &Arc<dyn trustline_hsm::Signer>) -> Result<Vec<u8>, Ag
                 .map_err(|_| rcgen::Error::RemoteKeyError)
         }
     }
-    let params = rcgen::CertificateParams::new(Vec::<String>::new())
+    let mut params = rcgen::CertificateParams::new(Vec::<String>::new())
         .map_err(|e| AgentError::Protocol(e.to_string()))?;
+    for u in uris {
+        params.subject_alt_names.push(rcgen::SanType::URI(
+            (*u).try_into()
+                .map_err(|e: rcgen::Error| AgentError::Protocol(e.to_string()))?,
+        ));
+    }
     let csr = params
         .serialize_request(&Remote(signer.clone()))
         .map_err(|e| AgentError::Protocol(e.to_string()))?;

@@ -225,7 +225,7 @@ async fn rotations_reach_an_open_stream_and_every_svid_verifies() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("ca");
     let mut cfg = trustline_tests::default_config(&dir);
-    cfg.push_str("\n[svid]\nx509_ttl = \"6s\"\n");
+    cfg.push_str("\n[svid]\nx509_ttl = \"6s\"\nagent_ttl = \"6s\"\n");
     let ca = Ca::start_with(&dir, &cfg);
     entry(
         &ca,
@@ -253,6 +253,9 @@ async fn rotations_reach_an_open_stream_and_every_svid_verifies() {
         "saw {} SVIDs (first + rotations) on one stream",
         serials.len()
     );
+    // The agent's own 6 s SVID was renewed over mutual TLS along the way (its CSR names its own ID).
+    let logs = agent.logs.lock().unwrap().join("\n");
+    assert!(logs.contains("agent SVID renewed"), "{logs}");
 }
 
 #[tokio::test(flavor = "multi_thread")]
