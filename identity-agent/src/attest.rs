@@ -86,12 +86,28 @@ impl NameFile {
     }
 }
 
-/// The attestor, with its binary-hash and name caches.
+/// What identifies a running program for the attestation cache: the kernel credentials, the process start time
+/// (pid reuse changes it) and the executable's device and inode (`exec` changes them).
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+struct ProcKey {
+    uid: u32,
+    gid: u32,
+    pid: i32,
+    start: u64,
+    dev: u64,
+    ino: u64,
+}
+
+/// How long cached selectors are trusted before a full attestation (so /etc/passwd changes show within it).
+const ATTEST_CACHE_TTL: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// The attestor, with its attestation, binary-hash and name caches.
 #[derive(Default)]
 pub struct Attestor {
     hashes: Mutex<HashMap<FileKey, String>>,
     users: Mutex<NameFile>,
     groups: Mutex<NameFile>,
+    recent: Mutex<HashMap<ProcKey, (std::time::Instant, Vec<Selector>)>>,
 }
 
 impl std::fmt::Debug for Attestor {
@@ -121,8 +137,42 @@ fn proc_uid(pid: i32) -> Result<u32, AttestError> {
 }
 
 impl Attestor {
-    /// Derives the selectors of the caller with credentials `cred`.
+    /// Derives the selectors of the caller with credentials `cred`. A caller attested in the last
+    /// [`ATTEST_CACHE_TTL`] is re-validated with three reads (start time, executable inode, owner uid) instead of
+    /// a full attestation; any difference (pid reuse, `exec`, uid change) forces the full one.
     pub fn attest(&self, cred: PeerCred) -> Result<Vec<Selector>, AttestError> {
+        let Some(pid) = cred.pid.filter(|p| *p > 0) else {
+            return self.attest_full(cred);
+        };
+        let start = start_time(pid)?;
+        let exe = std::fs::metadata(format!("/proc/{pid}/exe"))
+            .map_err(|source| AttestError::Proc { pid, source })?;
+        let key = ProcKey {
+            uid: cred.uid,
+            gid: cred.gid,
+            pid,
+            start,
+            dev: exe.dev(),
+            ino: exe.ino(),
+        };
+        if let Some((at, sel)) = self.recent.lock().unwrap_or_else(|p| p.into_inner()).get(&key) {
+            if at.elapsed() < ATTEST_CACHE_TTL && proc_uid(pid)? == cred.uid {
+                return Ok(sel.clone());
+            }
+        }
+        let sel = self.attest_full(cred)?;
+        let mut recent = self.recent.lock().unwrap_or_else(|p| p.into_inner());
+        if recent.len() >= HASH_CACHE_MAX {
+            recent.retain(|_, (at, _)| at.elapsed() < ATTEST_CACHE_TTL);
+            if recent.len() >= HASH_CACHE_MAX {
+                recent.clear();
+            }
+        }
+        recent.insert(key, (std::time::Instant::now(), sel.clone()));
+        Ok(sel)
+    }
+
+    fn attest_full(&self, cred: PeerCred) -> Result<Vec<Selector>, AttestError> {
         let mut out = Vec::with_capacity(6);
         let push = |out: &mut Vec<Selector>, key: &str, v: &str| {
             if let Ok(s) = Selector::new("unix", &format!("{key}:{v}")) {
@@ -241,6 +291,53 @@ mod tests {
             .unwrap(),
             sel
         );
+    }
+
+    #[test]
+    fn cached_attestation_notices_a_different_program_at_the_same_pid() {
+        // Another process (different start time and binary) is a different key: never served from the cache.
+        let a = Attestor::default();
+        let uid = std::fs::metadata("/proc/self").unwrap().uid();
+        let gid = std::fs::metadata("/proc/self").unwrap().gid();
+        let mut child = std::process::Command::new("sleep").arg("5").spawn().unwrap();
+        let pid = child.id() as i32;
+        let first = a
+            .attest(PeerCred {
+                uid,
+                gid,
+                pid: Some(pid),
+            })
+            .unwrap();
+        let again = a
+            .attest(PeerCred {
+                uid,
+                gid,
+                pid: Some(pid),
+            })
+            .unwrap();
+        assert_eq!(first, again);
+        assert!(
+            first.iter().any(|s| s.to_string().ends_with("/sleep")),
+            "{first:?}"
+        );
+        let me = a
+            .attest(PeerCred {
+                uid,
+                gid,
+                pid: Some(std::process::id() as i32),
+            })
+            .unwrap();
+        assert_ne!(me, first);
+        let _ = child.kill();
+        let _ = child.wait();
+        // Gone: attestation fails rather than answering from the cache.
+        assert!(a
+            .attest(PeerCred {
+                uid,
+                gid,
+                pid: Some(pid)
+            })
+            .is_err());
     }
 
     #[test]
