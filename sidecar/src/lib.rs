@@ -1,0 +1,13 @@
+//! The Trustline sidecar.
+//!
+//! Today: the authorization [`policy`] engine (Istio AuthorizationPolicy semantics) and the operator commands
+//! `trustline-sidecar policy check` and `policy explain`. The mutual-TLS proxy that evaluates these policies on
+//! every request is being built on top of it.
+//!
+//! The policy engine never admits a request when an ALLOW policy exists and none matched, and refuses a whole
+//! policy folder when any file in it is invalid (so a running sidecar keeps its last good set).
+
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
+pub mod policy;
