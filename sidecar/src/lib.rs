@@ -1,6 +1,7 @@
 //! The Trustline sidecar.
 //!
-//! Today: the authorization [`policy`] engine (Istio AuthorizationPolicy semantics) and the operator commands
+//! Today: the authorization [`policy`] engine, the sidecar's own identity streamed from the Workload API
+//! ([`svid_source`]), (Istio AuthorizationPolicy semantics) and the operator commands
 //! `trustline-sidecar policy check` and `policy explain`. The mutual-TLS proxy that evaluates these policies on
 //! every request is being built on top of it.
 //!
@@ -11,3 +12,4 @@
 #![warn(missing_docs)]
 
 pub mod policy;
+pub mod svid_source;
