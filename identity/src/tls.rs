@@ -119,9 +119,96 @@ pub fn svid_leaf_id(der: &[u8]) -> Result<SpiffeId, SvidError> {
     Ok(id)
 }
 
-/// The crypto provider every Trustline TLS endpoint uses (aws-lc-rs; prefers X25519MLKEM768 where offered).
+static PROVIDER: std::sync::LazyLock<Arc<CryptoProvider>> = std::sync::LazyLock::new(|| {
+    use rustls::crypto::aws_lc_rs::kx_group;
+    let mut p = rustls::crypto::aws_lc_rs::default_provider();
+    // Hybrid post-quantum first: a client sends its key share for the first group, so a peer that also speaks
+    // X25519MLKEM768 agrees on it in one round trip; an older peer answers with X25519 (a HelloRetryRequest
+    // costs one extra round trip only against peers that support neither).
+    p.kx_groups = vec![
+        kx_group::X25519MLKEM768,
+        kx_group::X25519,
+        kx_group::SECP256R1,
+        kx_group::SECP384R1,
+    ];
+    Arc::new(p)
+});
+
+/// The crypto provider every Trustline TLS endpoint uses: aws-lc-rs, key exchange preferring the hybrid
+/// post-quantum X25519MLKEM768, then X25519, P-256, P-384.
 pub fn provider() -> Arc<CryptoProvider> {
-    Arc::new(rustls::crypto::aws_lc_rs::default_provider())
+    PROVIDER.clone()
+}
+
+/// Why a peer's certificate (or handshake) was refused, as a short stable label for metrics and logs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum Refusal {
+    /// The peer sent no certificate.
+    NoCertificate,
+    /// Past its notAfter.
+    Expired,
+    /// Before its notBefore.
+    NotYetValid,
+    /// Does not chain to the bundle (unknown issuer or bad signature).
+    Untrusted,
+    /// Self-signed and not in the bundle.
+    SelfSigned,
+    /// The SPIFFE ID belongs to another trust domain.
+    ForeignTrustDomain,
+    /// Breaks an X.509-SVID rule (URI SAN count, CA flag, key usage, not a SPIFFE ID).
+    BadSvid,
+    /// A valid SVID, but not one of the SPIFFE IDs expected for this upstream.
+    WrongId,
+    /// The peer refused our certificate (it sent an alert).
+    PeerAlert,
+    /// Any other handshake failure (protocol version, no common cipher, timeout, I/O).
+    Protocol,
+}
+
+impl Refusal {
+    /// The label (`expired`, `untrusted`, …).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::NoCertificate => "no_certificate",
+            Self::Expired => "expired",
+            Self::NotYetValid => "not_yet_valid",
+            Self::Untrusted => "untrusted",
+            Self::SelfSigned => "self_signed",
+            Self::ForeignTrustDomain => "foreign_trust_domain",
+            Self::BadSvid => "bad_svid",
+            Self::WrongId => "wrong_id",
+            Self::PeerAlert => "peer_alert",
+            Self::Protocol => "protocol",
+        }
+    }
+
+    /// Classifies a handshake error.
+    pub fn of(err: &rustls::Error) -> Self {
+        match err {
+            rustls::Error::NoCertificatesPresented => Self::NoCertificate,
+            rustls::Error::AlertReceived(_) => Self::PeerAlert,
+            rustls::Error::InvalidCertificate(ce) => match ce {
+                CertificateError::Expired | CertificateError::ExpiredContext { .. } => Self::Expired,
+                CertificateError::NotValidYet | CertificateError::NotValidYetContext { .. } => {
+                    Self::NotYetValid
+                }
+                CertificateError::UnknownIssuer | CertificateError::BadSignature => Self::Untrusted,
+                CertificateError::Other(o) => {
+                    let e: &(dyn std::error::Error + 'static) = &*o.0;
+                    e.downcast_ref::<Reason>().map_or(Self::Protocol, |r| r.kind)
+                }
+                _ => Self::BadSvid,
+            },
+            _ => Self::Protocol,
+        }
+    }
+}
+
+impl fmt::Display for Refusal {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
 }
 
 struct Anchors {
@@ -197,33 +284,11 @@ impl TrustBundle {
         client: bool,
     ) -> Result<SpiffeId, rustls::Error> {
         let snap = self.snapshot();
-        let ee = webpki::EndEntityCert::try_from(end_entity).map_err(pki_error)?;
-        let algs = provider().signature_verification_algorithms;
-        let result = if client {
-            ee.verify_for_usage(
-                algs.all,
-                &snap.anchors,
-                intermediates,
-                now,
-                webpki::KeyUsage::client_auth(),
-                None,
-                None,
-            )
-        } else {
-            ee.verify_for_usage(
-                algs.all,
-                &snap.anchors,
-                intermediates,
-                now,
-                webpki::KeyUsage::server_auth(),
-                None,
-                None,
-            )
-        };
-        result.map_err(pki_error)?;
-        let id = svid_leaf_id(end_entity).map_err(|e| other_error(e.to_string()))?;
+        // SVID shape and trust domain first, so the refusal names the most specific fault.
+        let id = svid_leaf_id(end_entity).map_err(|e| other_error(Refusal::BadSvid, e.to_string()))?;
         if !id.is_member_of(&snap.trust_domain) {
             return Err(other_error(
+                Refusal::ForeignTrustDomain,
                 SvidError::WrongTrustDomain {
                     id: id.to_string(),
                     trust_domain: snap.trust_domain.to_string(),
@@ -231,23 +296,49 @@ impl TrustBundle {
                 .to_string(),
             ));
         }
+        let ee = webpki::EndEntityCert::try_from(end_entity).map_err(pki_error)?;
+        let algs = provider().signature_verification_algorithms;
+        let usage = if client {
+            webpki::KeyUsage::client_auth()
+        } else {
+            webpki::KeyUsage::server_auth()
+        };
+        let result = ee.verify_for_usage(algs.all, &snap.anchors, intermediates, now, usage, None, None);
+        match result {
+            Ok(_) => {}
+            Err(webpki::Error::UnknownIssuer) if self_issued(end_entity) => {
+                return Err(other_error(
+                    Refusal::SelfSigned,
+                    format!("{id}: self-signed certificate not in the trust bundle"),
+                ))
+            }
+            Err(e) => return Err(pki_error(e)),
+        }
         Ok(id)
     }
 }
 
 #[derive(Debug)]
-struct Reason(String);
+struct Reason {
+    kind: Refusal,
+    message: String,
+}
 impl fmt::Display for Reason {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
+        f.write_str(&self.message)
     }
 }
 impl std::error::Error for Reason {}
 
-fn other_error(reason: String) -> rustls::Error {
-    rustls::Error::InvalidCertificate(CertificateError::Other(rustls::OtherError(Arc::new(Reason(
-        reason,
-    )))))
+fn other_error(kind: Refusal, message: String) -> rustls::Error {
+    rustls::Error::InvalidCertificate(CertificateError::Other(rustls::OtherError(Arc::new(Reason {
+        kind,
+        message,
+    }))))
+}
+
+fn self_issued(der: &[u8]) -> bool {
+    X509Certificate::from_der(der).is_ok_and(|(_, c)| c.issuer().as_raw() == c.subject().as_raw())
 }
 
 fn pki_error(e: webpki::Error) -> rustls::Error {
@@ -258,7 +349,7 @@ fn pki_error(e: webpki::Error) -> rustls::Error {
         E::CertNotValidYet { .. } => CertificateError::NotValidYet,
         E::UnknownIssuer => CertificateError::UnknownIssuer,
         E::InvalidSignatureForPublicKey => CertificateError::BadSignature,
-        other => return other_error(format!("{other:?}")),
+        other => return other_error(Refusal::Untrusted, format!("{other:?}")),
     };
     rustls::Error::InvalidCertificate(ce)
 }
@@ -429,10 +520,10 @@ impl ServerCertVerifier for SpiffeServerVerifier {
             ExpectedPeer::OneOf(ids) => {
                 if !ids.contains(&id) {
                     let want: Vec<String> = ids.iter().map(ToString::to_string).collect();
-                    return Err(other_error(format!(
-                        "server presented SPIFFE ID {id}, expected {}",
-                        want.join(" or ")
-                    )));
+                    return Err(other_error(
+                        Refusal::WrongId,
+                        format!("server presented SPIFFE ID {id}, expected {}", want.join(" or ")),
+                    ));
                 }
             }
         }

@@ -1,9 +1,12 @@
-//! The Trustline sidecar.
+//! The Trustline sidecar: the process beside each service that makes every call between services mutually
+//! authenticated (TLS 1.3 with X.509-SVIDs from the identity agent) and authorized (Istio AuthorizationPolicy
+//! semantics on every request).
 //!
-//! Today: the authorization [`policy`] engine, the sidecar's own identity streamed from the Workload API
-//! ([`svid_source`]), (Istio AuthorizationPolicy semantics) and the operator commands
-//! `trustline-sidecar policy check` and `policy explain`. The mutual-TLS proxy that evaluates these policies on
-//! every request is being built on top of it.
+//! - [`config`]: the TOML configuration, validated with errors naming the field.
+//! - [`svid_source`]: the sidecar's own SVID and bundles, streamed from the Workload API, swapped in place.
+//! - [`policy`]: the authorization policy engine; [`policy_store`]: the set in force, hot-reloaded.
+//! - [`proxy`]: inbound and outbound HTTP/1.1, HTTP/2, gRPC and opaque TCP proxying.
+//! - [`server`]: listeners, metrics, graceful drain.
 //!
 //! The policy engine never admits a request when an ALLOW policy exists and none matched, and refuses a whole
 //! policy folder when any file in it is invalid (so a running sidecar keeps its last good set).
@@ -11,5 +14,10 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod config;
+pub mod metrics;
 pub mod policy;
+pub mod policy_store;
+pub mod proxy;
+pub mod server;
 pub mod svid_source;

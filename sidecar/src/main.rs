@@ -1,4 +1,4 @@
-//! `trustline-sidecar`: operator commands for authorization policy.
+//! `trustline-sidecar`: the sidecar proxy (`run`) and operator commands for authorization policy.
 
 #![forbid(unsafe_code)]
 
@@ -6,11 +6,22 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+use trustline_sidecar::config::Config;
 use trustline_sidecar::policy::{PolicySet, Request};
+use trustline_sidecar::server;
 
-/// The Trustline sidecar.
+/// The Trustline sidecar: mutual TLS 1.3 between services, with authorization policy on every request.
+///
+/// It takes its identity (X.509-SVID) from the identity agent's Workload API, accepts mutual TLS from other
+/// sidecars on its inbound listeners and forwards allowed requests to the local app in plaintext, and accepts
+/// plaintext from the local app on loopback outbound listeners and sends it on over mutual TLS to the upstream
+/// whose SPIFFE ID the route names.
+///
+/// Start:    trustline-sidecar run --config /etc/trustline/sidecar.toml
+/// Policies: trustline-sidecar policy check /etc/trustline/policies
+/// Docs:     docs/operator-guide.md (sidecar), docs/policy.md
 #[derive(Parser, Debug)]
-#[command(name = "trustline-sidecar", version, about)]
+#[command(name = "trustline-sidecar", version, about, long_about)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -18,6 +29,24 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Command {
+    /// Run the sidecar.
+    ///
+    /// Waits for an X.509-SVID from the Workload API (nothing is served before it), then listens. Prints one
+    /// line `trustline-sidecar ready: ...` with the bound addresses. SIGTERM or Ctrl-C stops accepting and
+    /// drains in-flight requests for up to limits.drain_timeout. SIGHUP re-reads the policy folder.
+    ///
+    /// Example: trustline-sidecar run --config docs/examples/sidecar.toml
+    Run {
+        /// Configuration file (TOML; see docs/examples/sidecar.toml).
+        #[arg(long, short, env = "TRUSTLINE_SIDECAR_CONFIG")]
+        config: PathBuf,
+    },
+    /// Validate a configuration file and print the listeners and routes it defines.
+    CheckConfig {
+        /// Configuration file.
+        #[arg(long, short)]
+        config: PathBuf,
+    },
     /// Authorization policy tools.
     #[command(subcommand)]
     Policy(PolicyCmd),
@@ -71,8 +100,76 @@ fn kv(flag: &str, s: &str) -> Result<(String, String), String> {
         .ok_or_else(|| format!("{flag} {s:?}: expected NAME=VALUE"))
 }
 
+async fn shutdown_signal() {
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        _ = term => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+}
+
 fn run(cli: Cli) -> Result<ExitCode, String> {
     match cli.command {
+        Command::Run { config } => {
+            let (cfg, routes) = Config::load(&config).map_err(|e| e.to_string())?;
+            let filter = tracing_subscriber::EnvFilter::try_from_env("TRUSTLINE_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+            let _ = tracing_subscriber::fmt()
+                .with_env_filter(filter)
+                .with_writer(std::io::stderr)
+                .try_init();
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+                .map_err(|e| format!("cannot start runtime: {e}"))?;
+            rt.block_on(server::run(cfg, routes, shutdown_signal(), |b| {
+                let list = |v: &[std::net::SocketAddr]| {
+                    v.iter().map(ToString::to_string).collect::<Vec<_>>().join(",")
+                };
+                println!(
+                    "trustline-sidecar ready: id={} inbound={} outbound={} metrics={}",
+                    b.spiffe_id,
+                    list(&b.inbound),
+                    list(&b.outbound),
+                    b.metrics.map(|m| m.to_string()).unwrap_or_default()
+                );
+            }))
+            .map_err(|e| e.to_string())?;
+            println!("trustline-sidecar stopped");
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::CheckConfig { config } => {
+            let (cfg, routes) = Config::load(&config).map_err(|e| e.to_string())?;
+            for ib in &cfg.inbound {
+                println!("inbound  {} -> app {} ({:?})", ib.listen, ib.app, ib.protocol);
+            }
+            for (ob, rs) in cfg.outbound.iter().zip(&routes) {
+                for r in rs {
+                    let ids: Vec<String> = r.spiffe_ids.iter().map(ToString::to_string).collect();
+                    println!(
+                        "outbound {} host {} -> {} expecting {} ({:?})",
+                        ob.listen,
+                        r.host,
+                        r.upstream,
+                        ids.join(" | "),
+                        ob.protocol
+                    );
+                }
+            }
+            if let Some(d) = &cfg.policy_dir {
+                let set = PolicySet::load_dir(d).map_err(|e| e.to_string())?;
+                println!("policy   {}: {} valid", d.display(), set.policies.len());
+            }
+            println!("{}: valid", config.display());
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Policy(PolicyCmd::Check { dir }) => {
             let set = PolicySet::load_dir(&dir).map_err(|e| e.to_string())?;
             println!(

@@ -9,7 +9,11 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+use std::collections::HashMap;
+use std::sync::RwLock;
+
 use tokio::sync::watch;
+use trustline_identity::bundle::JwkSet;
 use trustline_identity::spiffe_id::SpiffeId;
 use trustline_identity::tls::{RotatingCert, TrustBundle};
 use trustline_proto::workload as pb;
@@ -34,6 +38,8 @@ pub enum SourceError {
     Invalid(String),
 }
 
+type StreamFuture = std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), SourceError>> + Send>>;
+
 /// What the sidecar currently presents.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Current {
@@ -43,6 +49,8 @@ pub struct Current {
     pub leaf: Vec<u8>,
     /// Number of bundle roots.
     pub roots: usize,
+    /// The leaf's notAfter (unix seconds).
+    pub not_after: i64,
 }
 
 /// Our SVID and trust bundle, kept current from the Workload API.
@@ -52,6 +60,8 @@ pub struct SvidSource {
     /// The roots our TLS configs verify peers against (set once the first SVID arrives).
     bundle: watch::Sender<Option<TrustBundle>>,
     current: watch::Sender<Option<Current>>,
+    /// JWT bundles by trust domain name (from `FetchJWTBundles`).
+    jwt: RwLock<HashMap<String, Arc<JwkSet>>>,
 }
 
 impl std::fmt::Debug for SvidSource {
@@ -106,24 +116,81 @@ impl SvidSource {
             cert: Arc::new(RotatingCert::default()),
             bundle,
             current,
+            jwt: RwLock::new(HashMap::new()),
         });
-        let weak = Arc::downgrade(&src);
+        src.spawn_stream(socket.clone(), "X.509-SVID", |src, socket| {
+            Box::pin(async move { src.stream_once(&socket).await })
+        });
+        src.spawn_stream(socket, "JWT bundle", |src, socket| {
+            Box::pin(async move { src.stream_jwt_bundles(&socket).await })
+        });
+        src
+    }
+
+    fn spawn_stream(
+        self: &Arc<Self>,
+        socket: PathBuf,
+        what: &'static str,
+        once: fn(Arc<Self>, PathBuf) -> StreamFuture,
+    ) {
+        let weak = Arc::downgrade(self);
         tokio::spawn(async move {
             let mut backoff = Duration::from_millis(100);
             loop {
                 let Some(src) = weak.upgrade() else { return };
-                match src.stream_once(&socket).await {
+                let fut = once(src, socket.clone());
+                match fut.await {
                     Ok(()) => backoff = Duration::from_millis(100),
                     Err(e) => {
-                        tracing::warn!(error = %e, "Workload API stream broke; keeping the current SVID")
+                        tracing::warn!(error = %e, stream = what, "Workload API stream broke; keeping the current one")
                     }
                 }
-                drop(src);
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(Duration::from_secs(10));
             }
         });
-        src
+    }
+
+    async fn stream_jwt_bundles(&self, socket: &std::path::Path) -> Result<(), SourceError> {
+        let mut client = connect(socket).await?;
+        let mut req = tonic::Request::new(pb::JwtBundlesRequest {});
+        req.metadata_mut().insert(
+            "workload.spiffe.io",
+            tonic::metadata::MetadataValue::from_static("true"),
+        );
+        let mut stream = client
+            .fetch_jwt_bundles(req)
+            .await
+            .map_err(|s| SourceError::Status(format!("{:?}: {}", s.code(), s.message())))?
+            .into_inner();
+        while let Some(msg) = stream
+            .message()
+            .await
+            .map_err(|s| SourceError::Status(format!("{:?}: {}", s.code(), s.message())))?
+        {
+            let mut map = HashMap::new();
+            for (td, json) in &msg.bundles {
+                match JwkSet::parse(json) {
+                    Ok(set) => {
+                        map.insert(td.clone(), Arc::new(set));
+                    }
+                    Err(e) => {
+                        tracing::error!(trust_domain = %td, error = %e, "ignoring an unusable JWT bundle")
+                    }
+                }
+            }
+            *self.jwt.write().unwrap_or_else(|p| p.into_inner()) = map;
+        }
+        Ok(())
+    }
+
+    /// The JWT bundle of `trust_domain`, once received.
+    pub fn jwt_bundle(&self, trust_domain: &str) -> Option<Arc<JwkSet>> {
+        self.jwt
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(trust_domain)
+            .cloned()
     }
 
     async fn stream_once(&self, socket: &std::path::Path) -> Result<(), SourceError> {
@@ -180,11 +247,15 @@ impl SvidSource {
         if let Some(e) = bundle_err {
             return Err(SourceError::Invalid(format!("bundle: {e}")));
         }
-        tracing::info!(spiffe_id = %id, "SVID installed");
+        let not_after = x509_parser::parse_x509_certificate(&leaf)
+            .map(|(_, c)| c.validity().not_after.timestamp())
+            .unwrap_or_default();
+        tracing::info!(spiffe_id = %id, not_after, "SVID installed");
         self.current.send_replace(Some(Current {
             spiffe_id: id.to_string(),
             leaf,
             roots: roots.len(),
+            not_after,
         }));
         Ok(())
     }

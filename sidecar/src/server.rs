@@ -1,0 +1,368 @@
+//! Runs a configured sidecar: identity from the Workload API, policy with hot reload, the listeners, metrics,
+//! and graceful drain on shutdown.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
+use trustline_identity::tls::{server_config, svid_leaf_id, SpiffeClientVerifier};
+
+use crate::config::{Config, Limits, Protocol, ValidRoute};
+use crate::metrics::Metrics;
+use crate::policy_store::PolicyStore;
+use crate::proxy::{group_name, refusal_of, Inbound, Outbound, RouteTable, Shared};
+use crate::svid_source::SvidSource;
+
+/// Why the sidecar could not start.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum RunError {
+    /// The policy folder is invalid at start.
+    #[error("policy: {0}")]
+    Policy(#[from] crate::policy::PolicyError),
+    /// A listener could not be bound.
+    #[error("cannot listen on {addr} ({field}): {source}")]
+    Bind {
+        /// Config field.
+        field: String,
+        /// Address.
+        addr: SocketAddr,
+        /// Cause.
+        source: std::io::Error,
+    },
+    /// TLS setup failed.
+    #[error("TLS: {0}")]
+    Tls(#[from] trustline_identity::tls::TlsError),
+}
+
+/// The addresses actually bound (useful with port 0).
+#[derive(Debug, Clone)]
+pub struct Bound {
+    /// Inbound listeners, in config order.
+    pub inbound: Vec<SocketAddr>,
+    /// Outbound listeners, in config order.
+    pub outbound: Vec<SocketAddr>,
+    /// Metrics listener.
+    pub metrics: Option<SocketAddr>,
+    /// Our SPIFFE ID.
+    pub spiffe_id: String,
+}
+
+async fn bind(field: String, addr: SocketAddr) -> Result<TcpListener, RunError> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| RunError::Bind { field, addr, source })
+}
+
+/// Tracks connections so shutdown can wait for them: each holds a permit of a semaphore sized to the limit.
+#[derive(Clone)]
+struct Conns {
+    sem: Arc<Semaphore>,
+    max: usize,
+}
+
+impl Conns {
+    fn new(max: usize) -> Self {
+        Self {
+            sem: Arc::new(Semaphore::new(max)),
+            max,
+        }
+    }
+
+    async fn drained(&self) {
+        while self.sem.available_permits() < self.max {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+/// Resolves once shutdown is signalled (or its sender is gone).
+async fn stopped(rx: &mut watch::Receiver<bool>) {
+    let _ = rx.wait_for(|s| *s).await;
+}
+
+/// Serves one HTTP connection (HTTP/1.1 with upgrades, or HTTP/2), draining gracefully on shutdown.
+async fn serve_http<I, S, B>(io: I, svc: S, limits: &Limits, mut shutdown: watch::Receiver<bool>)
+where
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+    S: hyper::service::Service<hyper::Request<hyper::body::Incoming>, Response = hyper::Response<B>> + Send,
+    S::Future: Send + 'static,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    B: hyper::body::Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let mut b = auto::Builder::new(TokioExecutor::new());
+    b.http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.request_timeout)
+        .max_buf_size(limits.max_header_bytes.max(8192));
+    b.http2()
+        .timer(TokioTimer::new())
+        .adaptive_window(true)
+        .keep_alive_interval(Some(Duration::from_secs(30)))
+        .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX));
+    let conn = b.serve_connection_with_upgrades(io, svc);
+    tokio::pin!(conn);
+    tokio::select! {
+        r = conn.as_mut() => {
+            if let Err(e) = r {
+                tracing::debug!(error = %e, "connection ended with an error");
+            }
+        }
+        () = stopped(&mut shutdown) => {
+            conn.as_mut().graceful_shutdown();
+            let _ = conn.await;
+        }
+    }
+}
+
+/// Accepts connections until shutdown, at most `limits.max_connections` at once.
+fn accept_loop<F, Fut>(listener: TcpListener, conns: Conns, mut shutdown: watch::Receiver<bool>, on_conn: F)
+where
+    F: Fn(TcpStream, SocketAddr, OwnedSemaphorePermit) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    tokio::spawn(async move {
+        loop {
+            let permit = tokio::select! {
+                p = conns.sem.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => return },
+                () = stopped(&mut shutdown) => return,
+            };
+            let (tcp, remote) = tokio::select! {
+                a = listener.accept() => match a {
+                    Ok(a) => a,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                },
+                () = stopped(&mut shutdown) => return,
+            };
+            let _ = tcp.set_nodelay(true);
+            tokio::spawn(on_conn(tcp, remote, permit));
+        }
+    });
+}
+
+/// Runs the sidecar until `shutdown` resolves, then drains. `ready` is called once everything listens.
+pub async fn run(
+    config: Config,
+    routes: Vec<Vec<ValidRoute>>,
+    shutdown: impl std::future::Future<Output = ()>,
+    ready: impl FnOnce(&Bound),
+) -> Result<(), RunError> {
+    tokio::pin!(shutdown);
+    let metrics = Metrics::new();
+    let policies = Arc::new(PolicyStore::load(config.policy_dir.clone())?);
+    policies.watch(config.policy_reload_interval, metrics.clone());
+    let limits = config.limits.clone();
+
+    // Bind everything first, so a taken port fails at once.
+    let mut inbound_l = Vec::new();
+    for (i, ib) in config.inbound.iter().enumerate() {
+        inbound_l.push(bind(format!("inbound[{i}].listen"), ib.listen).await?);
+    }
+    let mut outbound_l = Vec::new();
+    for (i, ob) in config.outbound.iter().enumerate() {
+        outbound_l.push(bind(format!("outbound[{i}].listen"), ob.listen).await?);
+    }
+    let metrics_l = match config.metrics_listen {
+        Some(a) => Some(bind("metrics_listen".into(), a).await?),
+        None => None,
+    };
+
+    let identity = SvidSource::start(config.workload_api_socket.clone());
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let metrics_addr = metrics_l.as_ref().and_then(|l| l.local_addr().ok());
+    if let Some(l) = metrics_l {
+        serve_metrics(l, metrics.clone(), identity.clone(), stop_rx.clone());
+    }
+
+    // Fail closed until the first SVID: nothing is served before it.
+    let mut cur = identity.subscribe();
+    let mut waited = 0u32;
+    let first = loop {
+        if let Some(c) = cur.borrow_and_update().clone() {
+            break c;
+        }
+        let changed = tokio::select! {
+            r = tokio::time::timeout(Duration::from_secs(5), cur.changed()) => r,
+            () = &mut shutdown => return Ok(()),
+        };
+        if changed.is_err() {
+            waited += 5;
+            tracing::warn!(
+                socket = %config.workload_api_socket.display(),
+                waited_s = waited,
+                "waiting for an X.509-SVID from the Workload API (is the agent running, and is there a registration entry for this process?)"
+            );
+        }
+    };
+    {
+        let m = metrics.clone();
+        let mut rx = identity.subscribe();
+        tokio::spawn(async move {
+            loop {
+                if let Some(c) = rx.borrow_and_update().as_ref() {
+                    m.svid_expiry(c.not_after);
+                }
+                if rx.changed().await.is_err() {
+                    return;
+                }
+            }
+        });
+    }
+    let bundle = identity
+        .bundle()
+        .ok_or_else(|| trustline_identity::tls::TlsError::Key("SVID without bundle".into()))?;
+    let shared = Arc::new(Shared {
+        metrics: metrics.clone(),
+        policies,
+        identity: identity.clone(),
+        limits: limits.clone(),
+    });
+    let mut all_conns = Vec::new();
+
+    let verifier = Arc::new(SpiffeClientVerifier::new(bundle, true));
+    let mut bound = Bound {
+        inbound: Vec::new(),
+        outbound: Vec::new(),
+        metrics: metrics_addr,
+        spiffe_id: first.spiffe_id.clone(),
+    };
+    for (ib, listener) in config.inbound.iter().zip(inbound_l) {
+        bound.inbound.push(listener.local_addr().unwrap_or(ib.listen));
+        let mut tls = server_config(identity.cert.clone(), verifier.clone())?;
+        tls.alpn_protocols = match ib.protocol {
+            Protocol::Http => vec![b"h2".to_vec(), b"http/1.1".to_vec()],
+            Protocol::Tcp => Vec::new(),
+        };
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
+        let state = Inbound::new(shared.clone(), ib.app, ib.jwt.clone());
+        let conns = Conns::new(limits.max_connections);
+        all_conns.push(conns.clone());
+        let (protocol, shared, stop) = (ib.protocol, shared.clone(), stop_rx.clone());
+        accept_loop(listener, conns, stop_rx.clone(), move |tcp, remote, permit| {
+            let (acceptor, state, shared, stop) =
+                (acceptor.clone(), state.clone(), shared.clone(), stop.clone());
+            async move {
+                let _permit = permit;
+                let m = &shared.metrics;
+                let tls =
+                    match tokio::time::timeout(shared.limits.handshake_timeout, acceptor.accept(tcp)).await {
+                        Err(_) => {
+                            m.handshake("inbound", "timeout", "");
+                            tracing::warn!(%remote, reason = "timeout", "peer refused at the TLS handshake");
+                            return;
+                        }
+                        Ok(Err(e)) => {
+                            let reason = refusal_of(&e);
+                            m.handshake("inbound", reason, "");
+                            tracing::warn!(%remote, reason, error = %e, "peer refused at the TLS handshake");
+                            return;
+                        }
+                        Ok(Ok(t)) => t,
+                    };
+                let (_, session) = tls.get_ref();
+                let group = group_name(session.negotiated_key_exchange_group().map(|g| g.name()));
+                let peer = session
+                    .peer_certificates()
+                    .and_then(|c| c.first())
+                    .and_then(|c| svid_leaf_id(c).ok());
+                let Some(peer) = peer else {
+                    // The verifier already enforced this; a missing ID here is a bug, refuse anyway.
+                    m.handshake("inbound", "bad_svid", group);
+                    return;
+                };
+                m.handshake("inbound", "ok", group);
+                tracing::info!(%remote, peer = %peer, key_exchange = group, "peer connected");
+                let peer: Arc<str> = Arc::from(peer.to_string());
+                m.connection("inbound", 1);
+                match protocol {
+                    Protocol::Tcp => state.handle_tcp(peer, tls).await,
+                    Protocol::Http => {
+                        let svc =
+                            hyper::service::service_fn(move |req| state.clone().handle(peer.clone(), req));
+                        serve_http(TokioIo::new(tls), svc, &shared.limits, stop).await;
+                    }
+                }
+                m.connection("inbound", -1);
+            }
+        });
+    }
+    for ((ob, listener), routes) in config.outbound.iter().zip(outbound_l).zip(routes) {
+        bound.outbound.push(listener.local_addr().unwrap_or(ob.listen));
+        let state = Outbound::new(shared.clone(), RouteTable::new(routes, &identity)?);
+        let conns = Conns::new(limits.max_connections);
+        all_conns.push(conns.clone());
+        let (protocol, shared, stop) = (ob.protocol, shared.clone(), stop_rx.clone());
+        accept_loop(listener, conns, stop_rx.clone(), move |tcp, _remote, permit| {
+            let (state, shared, stop) = (state.clone(), shared.clone(), stop.clone());
+            async move {
+                let _permit = permit;
+                shared.metrics.connection("outbound", 1);
+                match protocol {
+                    Protocol::Tcp => state.handle_tcp(tcp).await,
+                    Protocol::Http => {
+                        let svc = hyper::service::service_fn(move |req| state.clone().handle(req));
+                        serve_http(TokioIo::new(tcp), svc, &shared.limits, stop).await;
+                    }
+                }
+                shared.metrics.connection("outbound", -1);
+            }
+        });
+    }
+    ready(&bound);
+
+    (&mut shutdown).await;
+    tracing::info!(drain_timeout = ?limits.drain_timeout, "shutting down: no new connections, draining");
+    let _ = stop_tx.send(true);
+    let drained = async {
+        for c in &all_conns {
+            c.drained().await;
+        }
+    };
+    if tokio::time::timeout(limits.drain_timeout, drained).await.is_err() {
+        tracing::warn!("drain timeout: closing the remaining connections");
+    }
+    Ok(())
+}
+
+/// `/metrics` and `/healthz` (200 once the sidecar holds an SVID).
+fn serve_metrics(
+    listener: TcpListener,
+    metrics: Arc<Metrics>,
+    identity: Arc<SvidSource>,
+    stop: watch::Receiver<bool>,
+) {
+    let conns = Conns::new(64);
+    accept_loop(listener, conns, stop.clone(), move |tcp, _, permit| {
+        let (metrics, identity, stop) = (metrics.clone(), identity.clone(), stop.clone());
+        async move {
+            let _permit = permit;
+            let svc = hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+                let (metrics, identity) = (metrics.clone(), identity.clone());
+                async move {
+                    let (status, body) = match req.uri().path() {
+                        "/metrics" => (200, metrics.render()),
+                        "/healthz" | "/readyz" => match identity.subscribe().borrow().as_ref() {
+                            Some(c) => (200, format!("ok: {}\n", c.spiffe_id)),
+                            None => (503, "waiting for an SVID\n".to_owned()),
+                        },
+                        _ => (404, "not found: try /metrics or /healthz\n".to_owned()),
+                    };
+                    let mut r = hyper::Response::new(http_body_util::Full::new(bytes::Bytes::from(body)));
+                    *r.status_mut() = hyper::StatusCode::from_u16(status).unwrap_or(hyper::StatusCode::OK);
+                    Ok::<_, std::convert::Infallible>(r)
+                }
+            });
+            serve_http(TokioIo::new(tcp), svc, &Limits::default(), stop).await;
+        }
+    });
+}
