@@ -4,6 +4,8 @@
 #![forbid(unsafe_code)]
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+pub mod mesh;
+
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -55,13 +57,23 @@ where
 /// Spawns `cmd`, collects its stderr into a log buffer, and waits (bounded) for a stdout line starting with
 /// `prefix`. Returns the child, that line, and the logs.
 pub fn spawn_ready(mut cmd: Command, prefix: &str) -> (Child, String, Arc<std::sync::Mutex<Vec<String>>>) {
-    let mut child = cmd
-        .env("TRUSTLINE_LOG", "info")
+    cmd.env("TRUSTLINE_LOG", "info")
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn");
+        .stderr(Stdio::piped());
+    // A binary copied by a test can briefly be "text file busy" while another test thread forks with the
+    // copy's descriptor still open: retry.
+    let mut tries = 0;
+    let mut child = loop {
+        match cmd.spawn() {
+            Ok(c) => break c,
+            Err(e) if e.raw_os_error() == Some(26) && tries < 50 => {
+                tries += 1;
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            Err(e) => panic!("spawn {cmd:?}: {e}"),
+        }
+    };
     let logs = Arc::new(std::sync::Mutex::new(Vec::new()));
     let stderr = child.stderr.take().unwrap();
     let l2 = logs.clone();
