@@ -6,6 +6,12 @@
 
 pub mod mesh;
 
+/// The test-only gRPC service `trustline.test.v1.Echo` (`proto/echo.proto`).
+pub mod echo {
+    #![allow(missing_docs, clippy::all)]
+    tonic::include_proto!("trustline.test.v1");
+}
+
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
