@@ -550,6 +550,25 @@ fn limit_body(req: Request<Incoming>, max: u64) -> Request<Body> {
     req.map(|b| Limited::new(b, max).boxed())
 }
 
+/// A 431 when the header block exceeds `limits.max_header_bytes` (HTTP/1.1's parser buffer is at least 8 KiB
+/// and HTTP/2 counts differently, so the limit is also checked here on what was received).
+fn headers_too_large<B>(req: &Request<B>, max: usize, grpc: bool) -> Option<Response<Body>> {
+    let size: usize = req
+        .headers()
+        .iter()
+        .map(|(k, v)| k.as_str().len() + v.len() + 4)
+        .sum::<usize>()
+        + req.uri().path_and_query().map_or(0, |p| p.as_str().len());
+    (size > max).then(|| {
+        error_response(
+            grpc,
+            StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            "headers_too_large",
+            format!("request headers ({size} bytes) exceed limits.max_header_bytes = {max}"),
+        )
+    })
+}
+
 fn too_large<B>(req: &Request<B>, max: u64) -> bool {
     max > 0
         && req
@@ -740,6 +759,9 @@ impl Inbound {
     async fn decide_and_forward(&self, peer: &str, req: Request<Incoming>) -> (&'static str, Response<Body>) {
         let grpc = is_grpc(req.headers());
         let limits = &self.shared.limits;
+        if let Some(r) = headers_too_large(&req, limits.max_header_bytes, grpc) {
+            return ("error", r);
+        }
         if too_large(&req, limits.max_body_bytes) {
             return (
                 "error",
@@ -903,6 +925,9 @@ impl Outbound {
     async fn route_and_forward(&self, req: Request<Incoming>) -> (&'static str, Response<Body>) {
         let grpc = is_grpc(req.headers());
         let limits = &self.shared.limits;
+        if let Some(r) = headers_too_large(&req, limits.max_header_bytes, grpc) {
+            return ("error", r);
+        }
         let host = request_host(&req);
         let Some(entry) = self.table.find(&host) else {
             return (

@@ -263,7 +263,7 @@ pub fn pooled_client(
 }
 
 /// An in-process app on loopback: answers every request with JSON describing it (method, path, version,
-/// headers, body length); a path ending in `/ws` with `Upgrade` switches protocols and echoes bytes.
+/// headers, body length); a path ending in `/slow` answers after 1.5 s; one ending in `/ws` with `Upgrade` switches protocols and echoes bytes.
 pub async fn echo_app() -> SocketAddr {
     let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = l.local_addr().unwrap();
@@ -289,6 +289,9 @@ pub async fn echo_app() -> SocketAddr {
                                 .body(Full::new(Bytes::new()))
                                 .unwrap();
                             return Ok::<_, std::convert::Infallible>(r);
+                        }
+                        if req.uri().path().ends_with("/slow") {
+                            tokio::time::sleep(Duration::from_millis(1500)).await;
                         }
                         let headers: serde_json::Map<String, serde_json::Value> = req
                             .headers()
