@@ -106,6 +106,20 @@ async fn connect(
     Ok(pb::spiffe_workload_api_client::SpiffeWorkloadApiClient::new(ch))
 }
 
+/// A Workload API request with the header the spec requires.
+fn workload_request<T>(msg: T) -> tonic::Request<T> {
+    let mut req = tonic::Request::new(msg);
+    req.metadata_mut().insert(
+        "workload.spiffe.io",
+        tonic::metadata::MetadataValue::from_static("true"),
+    );
+    req
+}
+
+fn status_error(s: tonic::Status) -> SourceError {
+    SourceError::Status(format!("{:?}: {}", s.code(), s.message()))
+}
+
 impl SvidSource {
     /// Starts streaming from the Workload API socket at `socket`; returns at once (fail closed until the first
     /// SVID). The background task lives as long as the returned source.
@@ -153,21 +167,12 @@ impl SvidSource {
 
     async fn stream_jwt_bundles(&self, socket: &std::path::Path) -> Result<(), SourceError> {
         let mut client = connect(socket).await?;
-        let mut req = tonic::Request::new(pb::JwtBundlesRequest {});
-        req.metadata_mut().insert(
-            "workload.spiffe.io",
-            tonic::metadata::MetadataValue::from_static("true"),
-        );
         let mut stream = client
-            .fetch_jwt_bundles(req)
+            .fetch_jwt_bundles(workload_request(pb::JwtBundlesRequest {}))
             .await
-            .map_err(|s| SourceError::Status(format!("{:?}: {}", s.code(), s.message())))?
+            .map_err(status_error)?
             .into_inner();
-        while let Some(msg) = stream
-            .message()
-            .await
-            .map_err(|s| SourceError::Status(format!("{:?}: {}", s.code(), s.message())))?
-        {
+        while let Some(msg) = stream.message().await.map_err(status_error)? {
             let mut map = HashMap::new();
             for (td, json) in &msg.bundles {
                 match JwkSet::parse(json) {
@@ -195,21 +200,12 @@ impl SvidSource {
 
     async fn stream_once(&self, socket: &std::path::Path) -> Result<(), SourceError> {
         let mut client = connect(socket).await?;
-        let mut req = tonic::Request::new(pb::X509svidRequest {});
-        req.metadata_mut().insert(
-            "workload.spiffe.io",
-            tonic::metadata::MetadataValue::from_static("true"),
-        );
         let mut stream = client
-            .fetch_x509svid(req)
+            .fetch_x509svid(workload_request(pb::X509svidRequest {}))
             .await
-            .map_err(|s| SourceError::Status(format!("{:?}: {}", s.code(), s.message())))?
+            .map_err(status_error)?
             .into_inner();
-        while let Some(msg) = stream
-            .message()
-            .await
-            .map_err(|s| SourceError::Status(format!("{:?}: {}", s.code(), s.message())))?
-        {
+        while let Some(msg) = stream.message().await.map_err(status_error)? {
             if let Err(e) = self.apply(&msg) {
                 tracing::error!(error = %e, "ignoring an unusable SVID update");
             }

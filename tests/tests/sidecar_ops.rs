@@ -110,7 +110,8 @@ rules:
     h.kid = Some("k".into());
     let hmac =
         jsonwebtoken::encode(&h, &claims, &jsonwebtoken::EncodingKey::from_secret(b"guessable")).unwrap();
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    // `exp` has one-second granularity and a token is expired only once `now > exp`: wait past two seconds.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
     for (token, why) in [
         (wrong_aud.as_str(), "InvalidAudience"),
         (expired.as_str(), "ExpiredSignature"),
