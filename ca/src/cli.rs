@@ -37,16 +37,21 @@ enum Command {
         #[arg(long)]
         validate: bool,
     },
-    /// Start a local CA on embedded defaults (SQLite, software keys, loopback) and mint a first SVID.
+    /// Bring up a local mesh on embedded defaults (SQLite, software keys, loopback): a CA, a first SVID, and
+    /// when trustline-agent and trustline-sidecar are built next to this binary, an agent and two services
+    /// (web -> api) talking through sidecars with mutual TLS and policy.
     ///
-    /// Example: trustline-ca quickstart --dir .trustline
+    /// Example: cargo build --release --workspace --bins && target/release/trustline-ca quickstart
     Quickstart {
-        /// State folder (created if missing).
+        /// State folder (created if missing; reused on the next run).
         #[arg(long, default_value = ".trustline")]
         dir: PathBuf,
-        /// Exit after minting instead of serving until Ctrl-C.
+        /// Exit after the demo requests instead of serving until Ctrl-C.
         #[arg(long)]
         exit: bool,
+        /// Start only the CA (no agent, sidecars or app).
+        #[arg(long)]
+        ca_only: bool,
     },
     /// Registration entries.
     #[command(subcommand)]
@@ -417,9 +422,9 @@ async fn run(cli: Cli) -> Result<ExitCode, CliError> {
             serve(cfg).await?;
             Ok(ExitCode::SUCCESS)
         }
-        Command::Quickstart { dir, exit } => {
+        Command::Quickstart { dir, exit, ca_only } => {
             init_tracing();
-            quickstart(dir, *exit).await?;
+            quickstart(dir, *exit, *ca_only).await?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Healthcheck => {
@@ -796,7 +801,7 @@ async fn serve(cfg: trustline_ca::config::Validated) -> Result<(), CliError> {
 
 const QUICKSTART_ID: &str = "spiffe://example.org/demo/web";
 
-async fn quickstart(dir: &Path, exit: bool) -> Result<(), CliError> {
+async fn quickstart(dir: &Path, exit: bool, ca_only: bool) -> Result<(), CliError> {
     let ca_dir = dir.join("ca");
     std::fs::create_dir_all(&ca_dir).map_err(|e| msg(format!("{}: {e}", ca_dir.display())))?;
     let cfg_path = ca_dir.join("ca.toml");
@@ -878,23 +883,54 @@ async fn quickstart(dir: &Path, exit: bool) -> Result<(), CliError> {
         "[ok] minted JWT-SVID for audience \"demo\": {}…",
         &jwt.token[..jwt.token.len().min(40)]
     );
+    let mesh = if ca_only {
+        None
+    } else {
+        crate::demo_mesh::start(dir, &running.admin_socket, running.agent_addr, &bundle_path)
+            .await
+            .map_err(msg)?
+    };
+    if mesh.is_some() {
+        for (method, path) in [("GET", "/api/hello"), ("GET", "/api/admin/users")] {
+            let (status, body) = crate::demo_mesh::call(method, path).await.map_err(msg)?;
+            println!("[ok] web -> api {method} {path}: {status}\n     {}", body.trim());
+        }
+    }
     let sock = running.admin_socket.display();
+    let me = std::env::current_exe()
+        .map(|p| p.display().to_string())
+        .unwrap_or_else(|_| "trustline-ca".into());
     println!("\nTry, in another terminal:");
-    println!("  cargo run -q -p trustline-ca -- --socket {sock} token generate");
-    println!("  cargo run -q -p trustline-ca -- --socket {sock} issued list");
-    println!("  cargo run -q -p trustline-ca -- --socket {sock} bundle show --format jwks");
+    println!("  {me} --socket {sock} token generate");
+    println!("  {me} --socket {sock} issued list");
+    println!("  {me} --socket {sock} bundle show --format jwks");
     println!(
         "  openssl verify -CAfile {} {}",
         bundle_path.display(),
         svid_path.display()
     );
-    if exit {
-        let _ = stop_tx.send(());
-    } else {
+    if mesh.is_some() {
+        println!(
+            "  curl -s -H 'host: api' http://{}/api/hello        # through both sidecars",
+            crate::demo_mesh::WEB_OUTBOUND
+        );
+        println!(
+            "  curl -s -H 'host: api' http://{}/api/admin/users  # denied by policy no-admin",
+            crate::demo_mesh::WEB_OUTBOUND
+        );
+        println!(
+            "  edit {}/mesh/policies/*.yaml                      # reloaded within a second",
+            dir.display()
+        );
+    }
+    if !exit {
         println!("\nServing until Ctrl-C. State lives in {}.", dir.display());
         shutdown_signal().await;
-        let _ = stop_tx.send(());
     }
+    if let Some(m) = mesh {
+        m.stop().await;
+    }
+    let _ = stop_tx.send(());
     join.await
         .map_err(|e| msg(format!("CA task: {e}")))?
         .map_err(|e| msg(e.to_string()))?;

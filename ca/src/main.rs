@@ -6,6 +6,7 @@
 #![forbid(unsafe_code)]
 
 mod cli;
+mod demo_mesh;
 
 fn main() -> std::process::ExitCode {
     cli::main()

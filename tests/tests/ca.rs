@@ -1026,6 +1026,26 @@ fn quickstart_starts_a_ca_and_mints_a_first_svid() {
         "{stdout}"
     );
     assert!(stdout.contains("[ok] minted JWT-SVID"), "{stdout}");
+    // The local mesh: agent, two sidecars, an app; one request allowed, one denied by policy.
+    assert!(
+        stdout.contains("[ok] identity agent attested as spiffe://example.org/node/quickstart"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("[ok] web -> api GET /api/hello: HTTP/1.1 200 OK"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains(
+            "\"x-forwarded-client-cert\":\"By=spiffe://example.org/api;URI=spiffe://example.org/web\""
+        ),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("[ok] web -> api GET /api/admin/users: HTTP/1.1 403 Forbidden"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("\"policy\":\"no-admin\""), "{stdout}");
     let dir = tmp.path().join("state/ca");
     let chain = chain_from_pem(&std::fs::read_to_string(dir.join("demo-svid.pem")).unwrap());
     let roots = chain_from_pem(&std::fs::read_to_string(dir.join("bundle.pem")).unwrap());
@@ -1039,7 +1059,12 @@ fn quickstart_starts_a_ca_and_mints_a_first_svid() {
         .arg(tmp.path().join("state"))
         .output()
         .unwrap();
-    assert!(again.status.success());
+    let again_out = String::from_utf8_lossy(&again.stdout);
+    assert!(again.status.success(), "{again_out}");
+    assert!(
+        again_out.contains("[ok] web -> api GET /api/hello: HTTP/1.1 200 OK"),
+        "the mesh comes back from its saved state, without a new join token: {again_out}"
+    );
     assert_eq!(
         chain_from_pem(&std::fs::read_to_string(dir.join("bundle.pem")).unwrap()),
         roots
