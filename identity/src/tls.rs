@@ -397,6 +397,94 @@ impl RotatingCert {
     }
 }
 
+/// A signature made with an SVID key, with the certificate chain that vouches for it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SvidSignature {
+    /// The signer's chain (leaf first, DER).
+    pub chain: Vec<Vec<u8>>,
+    /// TLS `SignatureScheme` code point (e.g. 0x0403 ECDSA P-256 SHA-256).
+    pub scheme: u16,
+    /// The signature bytes, as the scheme defines them (ECDSA: ASN.1 DER).
+    pub signature: Vec<u8>,
+}
+
+const SIGN_SCHEMES: [SignatureScheme; 6] = [
+    SignatureScheme::ECDSA_NISTP256_SHA256,
+    SignatureScheme::ECDSA_NISTP384_SHA384,
+    SignatureScheme::ED25519,
+    SignatureScheme::RSA_PSS_SHA256,
+    SignatureScheme::RSA_PSS_SHA384,
+    SignatureScheme::RSA_PSS_SHA512,
+];
+
+impl RotatingCert {
+    /// Signs `message` with the current SVID key (never exported); `None` before the first SVID.
+    pub fn sign(&self, message: &[u8]) -> Option<Result<SvidSignature, TlsError>> {
+        let ck = self.get()?;
+        let signer = match ck.key.choose_scheme(&SIGN_SCHEMES) {
+            Some(s) => s,
+            None => {
+                return Some(Err(TlsError::Key(
+                    "the SVID key supports no signature scheme we verify".into(),
+                )))
+            }
+        };
+        Some(
+            signer
+                .sign(message)
+                .map(|signature| SvidSignature {
+                    chain: ck.cert.iter().map(|c| c.to_vec()).collect(),
+                    scheme: u16::from(signer.scheme()),
+                    signature,
+                })
+                .map_err(|e| TlsError::Key(e.to_string())),
+        )
+    }
+}
+
+impl TrustBundle {
+    /// Verifies a [`SvidSignature`] over `message`: the chain must be a valid X.509-SVID of the bundle's trust
+    /// domain at `at` (the time the signature claims), and the signature must verify with the leaf's key.
+    /// Returns the signer's SPIFFE ID.
+    pub fn verify_signature(
+        &self,
+        s: &SvidSignature,
+        message: &[u8],
+        at: UnixTime,
+    ) -> Result<SpiffeId, String> {
+        let leaf = s.chain.first().ok_or("no signer certificate")?;
+        let ee_der = CertificateDer::from(leaf.as_slice());
+        let inter: Vec<CertificateDer<'_>> = s.chain[1..]
+            .iter()
+            .map(|c| CertificateDer::from(c.as_slice()))
+            .collect();
+        let id = self
+            .verify_chain(&ee_der, &inter, at, true)
+            .map_err(|e| format!("signer certificate: {e}"))?;
+        let scheme = SignatureScheme::from(s.scheme);
+        if !SIGN_SCHEMES.contains(&scheme) {
+            return Err(format!("signature scheme {scheme:?} not accepted"));
+        }
+        let algs = provider().signature_verification_algorithms;
+        let candidates = algs
+            .mapping
+            .iter()
+            .find(|(sc, _)| *sc == scheme)
+            .map(|(_, a)| *a)
+            .ok_or_else(|| format!("signature scheme {scheme:?} not supported"))?;
+        let ee =
+            webpki::EndEntityCert::try_from(&ee_der).map_err(|e| format!("signer certificate: {e:?}"))?;
+        if candidates
+            .iter()
+            .any(|alg| ee.verify_signature(*alg, message, &s.signature).is_ok())
+        {
+            Ok(id)
+        } else {
+            Err(format!("signature by {id} does not verify"))
+        }
+    }
+}
+
 impl ResolvesServerCert for RotatingCert {
     fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
         self.get()

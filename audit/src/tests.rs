@@ -1,0 +1,235 @@
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::path::Path;
+use std::sync::Arc;
+
+use rcgen::{
+    BasicConstraints, CertificateParams, ExtendedKeyUsagePurpose, IsCa, KeyPair, KeyUsagePurpose, SanType,
+};
+use trustline_identity::spiffe_id::TrustDomain;
+use trustline_identity::tls::{RotatingCert, TrustBundle};
+
+use crate::format::{decode_frame, HEADER_LEN};
+use crate::writer::segments;
+use crate::*;
+
+/// A CA, its bundle, and a sidecar SVID key to sign checkpoints with.
+fn identity() -> (TrustBundle, Arc<RotatingCert>) {
+    let ca_key = KeyPair::generate().unwrap();
+    let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+    let ca_cert = ca.self_signed(&ca_key).unwrap();
+    let issuer = rcgen::Issuer::new(ca, ca_key);
+    let key = KeyPair::generate().unwrap();
+    let mut leaf = CertificateParams::new(Vec::<String>::new()).unwrap();
+    leaf.subject_alt_names
+        .push(SanType::URI("spiffe://example.org/api".try_into().unwrap()));
+    leaf.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    leaf.extended_key_usages = vec![
+        ExtendedKeyUsagePurpose::ClientAuth,
+        ExtendedKeyUsagePurpose::ServerAuth,
+    ];
+    leaf.is_ca = IsCa::ExplicitNoCa;
+    let cert = leaf.signed_by(&key, &issuer).unwrap();
+    let rc = Arc::new(RotatingCert::default());
+    rc.set(vec![cert.der().to_vec()], &key.serialize_der()).unwrap();
+    let bundle = TrustBundle::new(
+        TrustDomain::new("example.org").unwrap(),
+        &[ca_cert.der().to_vec()],
+    )
+    .unwrap();
+    (bundle, rc)
+}
+
+fn rec(i: u64) -> Record {
+    Record {
+        time_us: 1_700_000_000_000_000 + i as i64,
+        trace_id: format!("{i:032x}"),
+        span_id: format!("{i:016x}"),
+        direction: "inbound".into(),
+        local: "spiffe://example.org/api".into(),
+        peer: "spiffe://example.org/web".into(),
+        method: "GET".into(),
+        authority: "api".into(),
+        path: format!("/items/{i}"),
+        status: 200,
+        decision: "allow".into(),
+        ..Default::default()
+    }
+}
+
+fn write_log(dir: &Path, n: u64, segment_bytes: u64, signer: Arc<RotatingCert>) {
+    let mut cfg = LogConfig::new(dir.to_owned());
+    cfg.segment_bytes = segment_bytes;
+    cfg.checkpoint_records = 100;
+    let (log, rec0) = Log::open(cfg, Some(signer)).unwrap();
+    assert_eq!(rec0.next_seq, 0);
+    for i in 0..n {
+        log.try_append(&rec(i)).unwrap();
+    }
+    log.close();
+}
+
+/// (segment, frame offset, frame length) of the frame with sequence `seq`.
+fn locate(dir: &Path, seq: u64) -> (std::path::PathBuf, usize, usize) {
+    for p in segments(dir).unwrap() {
+        let b = std::fs::read(&p).unwrap();
+        let mut off = HEADER_LEN;
+        while let Some(f) = decode_frame(&b, off) {
+            if f.seq == seq {
+                return (p, off, f.len());
+            }
+            off += f.len();
+        }
+    }
+    panic!("no frame {seq}");
+}
+
+#[test]
+fn an_intact_log_verifies_with_signed_checkpoints() {
+    let d = tempfile::tempdir().unwrap();
+    let (bundle, signer) = identity();
+    write_log(d.path(), 1000, 64 << 10, signer);
+    let r = verify(d.path(), Some(&bundle)).unwrap();
+    assert!(r.ok(), "{:?}", r.findings);
+    assert_eq!(r.records, 1000);
+    assert!(r.segments > 2, "rolled segments: {}", r.segments);
+    assert!(r.checkpoints >= 10, "{}", r.checkpoints);
+    assert_eq!(r.uncovered, 0, "the last checkpoint is signed on close");
+    assert_eq!(r.signers, vec!["spiffe://example.org/api".to_owned()]);
+    // Another trust domain's bundle does not vouch for the signer.
+    let (other, _) = identity();
+    let r = verify(d.path(), Some(&other)).unwrap();
+    assert!(
+        matches!(r.findings[0], Finding::BadCheckpoint { .. }),
+        "{:?}",
+        r.findings
+    );
+    // Reading back.
+    let all = verify::records(d.path()).unwrap();
+    assert_eq!(all.len(), 1000);
+    assert_eq!(all[42].1, rec(42));
+}
+
+#[test]
+fn each_kind_of_tampering_is_found_and_named() {
+    let (bundle, signer) = identity();
+    let fresh = || {
+        let d = tempfile::tempdir().unwrap();
+        write_log(d.path(), 600, 32 << 10, signer.clone());
+        d
+    };
+
+    // Flip a byte inside record 250's payload.
+    let d = fresh();
+    let (p, off, _) = locate(d.path(), 250);
+    let mut b = std::fs::read(&p).unwrap();
+    b[off + 4 + 9 + 20] ^= 0x01;
+    std::fs::write(&p, b).unwrap();
+    let r = verify(d.path(), Some(&bundle)).unwrap();
+    assert!(
+        r.findings.contains(&Finding::Altered {
+            segment: p.clone(),
+            seq: 250
+        }),
+        "{:?}",
+        r.findings
+    );
+    assert_eq!(r.findings.len(), 1, "{:?}", r.findings);
+
+    // Delete record 300.
+    let d = fresh();
+    let (p, off, len) = locate(d.path(), 300);
+    let mut b = std::fs::read(&p).unwrap();
+    b.drain(off..off + len);
+    std::fs::write(&p, b).unwrap();
+    let r = verify(d.path(), Some(&bundle)).unwrap();
+    assert!(
+        r.findings.contains(&Finding::Removed {
+            segment: p.clone(),
+            from: 300,
+            to: 300
+        }),
+        "{:?}",
+        r.findings
+    );
+
+    // Swap records 310 and 311.
+    let d = fresh();
+    let (p, a_off, a_len) = locate(d.path(), 310);
+    let (_, b_off, b_len) = locate(d.path(), 311);
+    assert_eq!(a_off + a_len, b_off);
+    let mut b = std::fs::read(&p).unwrap();
+    let first = b[a_off..a_off + a_len].to_vec();
+    let second = b[b_off..b_off + b_len].to_vec();
+    b.splice(a_off..b_off + b_len, second.into_iter().chain(first));
+    std::fs::write(&p, b).unwrap();
+    let r = verify(d.path(), Some(&bundle)).unwrap();
+    assert!(
+        r.findings.contains(&Finding::Reordered {
+            segment: p.clone(),
+            found: 311,
+            expected: 310
+        }),
+        "{:?}",
+        r.findings
+    );
+
+    // Drop a whole segment from the middle.
+    let d = fresh();
+    let segs = segments(d.path()).unwrap();
+    assert!(segs.len() >= 3);
+    std::fs::remove_file(&segs[1]).unwrap();
+    let r = verify(d.path(), Some(&bundle)).unwrap();
+    assert!(
+        r.findings
+            .iter()
+            .any(|f| matches!(f, Finding::SegmentMissing { .. })),
+        "{:?}",
+        r.findings
+    );
+    assert!(r
+        .findings
+        .iter()
+        .any(|f| f.to_string().contains("a segment is missing")));
+}
+
+#[test]
+fn a_torn_tail_is_cut_on_open_and_appending_continues() {
+    let d = tempfile::tempdir().unwrap();
+    let (bundle, signer) = identity();
+    write_log(d.path(), 100, 64 << 20, signer.clone());
+    let last = segments(d.path()).unwrap().pop().unwrap();
+    let mut f = std::fs::OpenOptions::new().append(true).open(&last).unwrap();
+    std::io::Write::write_all(&mut f, &[200, 0, 0, 0, 1, 2, 3]).unwrap(); // half a frame
+    drop(f);
+    let (log, recovery) = Log::open(LogConfig::new(d.path().to_owned()), Some(signer)).unwrap();
+    assert_eq!(recovery.truncated_bytes, 7);
+    assert_eq!(
+        recovery.next_seq, 101,
+        "100 records and the checkpoint after them survive"
+    );
+    log.try_append(&rec(100)).unwrap();
+    log.close();
+    let r = verify(d.path(), Some(&bundle)).unwrap();
+    assert!(r.ok(), "{:?}", r.findings);
+    assert_eq!(r.records, 101);
+}
+
+#[tokio::test]
+async fn durable_appends_resolve_after_the_write() {
+    let d = tempfile::tempdir().unwrap();
+    let (_, signer) = identity();
+    let (log, _) = Log::open(LogConfig::new(d.path().to_owned()), Some(signer)).unwrap();
+    for i in 0..10 {
+        log.append_durable(&rec(i)).await.unwrap();
+    }
+    assert_eq!(log.stats().durable.load(std::sync::atomic::Ordering::Relaxed), 10);
+    assert_eq!(
+        verify::records(d.path()).unwrap().len(),
+        10,
+        "on disk before close"
+    );
+    log.close();
+}
