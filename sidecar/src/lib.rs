@@ -5,6 +5,7 @@
 //! - [`config`]: the TOML configuration, validated with errors naming the field.
 //! - [`svid_source`]: the sidecar's own SVID and bundles, streamed from the Workload API, swapped in place.
 //! - [`policy`]: the authorization policy engine; [`policy_store`]: the set in force, hot-reloaded.
+//! - [`chain`]: the signed caller chain.
 //! - [`proxy`]: inbound and outbound HTTP/1.1, HTTP/2, gRPC and opaque TCP proxying.
 //! - [`server`]: listeners, metrics, graceful drain.
 //!
@@ -14,6 +15,7 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod chain;
 pub mod config;
 pub mod metrics;
 pub mod policy;
