@@ -93,6 +93,126 @@ pub struct Config {
     /// Size limits and timeouts.
     #[serde(default)]
     pub limits: Limits,
+    /// Caller-chain bounds.
+    #[serde(default)]
+    pub chain: ChainConfig,
+    /// The accountability log; off when absent.
+    #[serde(default)]
+    pub log: Option<LogConfig>,
+}
+
+/// `[chain]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ChainConfig {
+    /// Most hops accepted (default 16).
+    #[serde(default = "default_max_hops")]
+    pub max_hops: usize,
+    /// Largest header (bytes, default 32768).
+    #[serde(default = "default_chain_bytes")]
+    pub max_bytes: usize,
+    /// Oldest hop accepted: older chains are refused as replays (default 60s).
+    #[serde(default = "default_chain_age", deserialize_with = "de_duration")]
+    pub max_age: Duration,
+}
+
+impl Default for ChainConfig {
+    fn default() -> Self {
+        Self {
+            max_hops: default_max_hops(),
+            max_bytes: default_chain_bytes(),
+            max_age: default_chain_age(),
+        }
+    }
+}
+
+fn default_max_hops() -> usize {
+    16
+}
+fn default_chain_bytes() -> usize {
+    32 * 1024
+}
+fn default_chain_age() -> Duration {
+    Duration::from_secs(60)
+}
+
+/// What to do when the log cannot take a record.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OnFailure {
+    /// Refuse requests with 503 while records cannot be written.
+    Closed,
+    /// Serve, count `trustline_sidecar_log_records_total{result="refused"}` and log an ALARM line.
+    Open,
+}
+
+/// `[log]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogConfig {
+    /// Folder of segment files (created).
+    pub dir: PathBuf,
+    /// `batch` (fsync per group commit, default), an interval such as `10ms`, or `never`.
+    #[serde(default = "default_fsync")]
+    pub fsync: String,
+    /// Segment size before a new file starts (default 64 MiB).
+    #[serde(default = "default_segment")]
+    pub segment_bytes: u64,
+    /// Sign a checkpoint at least this often (default 10s) ...
+    #[serde(default = "default_cp_interval", deserialize_with = "de_duration")]
+    pub checkpoint_interval: Duration,
+    /// ... or after this many records (default 10000).
+    #[serde(default = "default_cp_records")]
+    pub checkpoint_records: u64,
+    /// Bounded queue between requests and the writer (default 65536).
+    #[serde(default = "default_queue")]
+    pub queue: usize,
+    /// `closed` (default: refuse requests while the log fails) or `open` (serve and alarm).
+    #[serde(default = "default_on_failure")]
+    pub on_failure: OnFailure,
+    /// Hold each response until its record is on disk (default false: records are queued).
+    #[serde(default)]
+    pub durable: bool,
+}
+
+fn default_fsync() -> String {
+    "batch".into()
+}
+fn default_segment() -> u64 {
+    64 << 20
+}
+fn default_cp_interval() -> Duration {
+    Duration::from_secs(10)
+}
+fn default_cp_records() -> u64 {
+    10_000
+}
+fn default_queue() -> usize {
+    65_536
+}
+fn default_on_failure() -> OnFailure {
+    OnFailure::Closed
+}
+
+impl LogConfig {
+    /// The writer settings.
+    pub fn writer(&self) -> Result<trustline_audit::LogConfig, String> {
+        let fsync = match self.fsync.trim() {
+            "batch" => trustline_audit::Fsync::Batch,
+            "never" => trustline_audit::Fsync::Never,
+            other => trustline_audit::Fsync::Interval(
+                humantime::parse_duration(other)
+                    .map_err(|e| format!("expected batch, never or a duration: {e}"))?,
+            ),
+        };
+        let mut c = trustline_audit::LogConfig::new(self.dir.clone());
+        c.fsync = fsync;
+        c.segment_bytes = self.segment_bytes;
+        c.checkpoint_interval = self.checkpoint_interval;
+        c.checkpoint_records = self.checkpoint_records.max(1);
+        c.queue = self.queue.max(1);
+        Ok(c)
+    }
 }
 
 /// `[[inbound]]`
@@ -432,6 +552,21 @@ impl Config {
             }
         };
         resolve(&mut raw.workload_api_socket);
+        if let Some(l) = raw.log.as_mut() {
+            resolve(&mut l.dir);
+            l.writer()
+                .map_err(|e| invalid("log.fsync".into(), l.fsync.clone(), &e))?;
+            if l.segment_bytes < 4096 {
+                return Err(invalid(
+                    "log.segment_bytes".into(),
+                    l.segment_bytes.to_string(),
+                    "must be at least 4096",
+                ));
+            }
+        }
+        if raw.chain.max_hops == 0 {
+            return Err(invalid("chain.max_hops".into(), "0".into(), "must be at least 1"));
+        }
         if let Some(d) = raw.policy_dir.as_mut() {
             resolve(d);
         }

@@ -90,6 +90,9 @@ enum PolicyCmd {
         /// JWT-SVID claim NAME=VALUE (repeatable), as if the caller sent a valid token.
         #[arg(long = "claim")]
         claims: Vec<String>,
+        /// A caller of the verified caller chain, origin first (repeatable), for `request.chain.*` conditions.
+        #[arg(long = "chain")]
+        chain: Vec<String>,
     },
 }
 
@@ -190,6 +193,7 @@ fn run(cli: Cli) -> Result<ExitCode, String> {
             port,
             headers,
             claims,
+            chain,
         }) => {
             let set = PolicySet::load_dir(&dir).map_err(|e| e.to_string())?;
             let headers = headers
@@ -214,6 +218,7 @@ fn run(cli: Cli) -> Result<ExitCode, String> {
                 port,
                 headers,
                 claims,
+                chain,
             };
             let (decision, traces) = set.explain(&req);
             for t in &traces {

@@ -61,6 +61,15 @@ pub struct Metrics {
     reloads: Family<ReloadLabels, Counter>,
     policies: Gauge,
     svid_expiry: Gauge,
+    chains: Family<ResultLabels, Counter>,
+    log_records: Family<ResultLabels, Counter>,
+}
+
+/// Labels with a result.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResultLabels {
+    /// Result.
+    pub result: &'static str,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -115,7 +124,21 @@ impl Metrics {
             "notAfter of the X.509-SVID the sidecar presents (unix time)",
             svid_expiry.clone(),
         );
+        let chains = Family::<ResultLabels, Counter>::default();
+        registry.register(
+            "caller_chains",
+            "Inbound caller chains: ok, absent, or the refusal (forged, broken, stale, not_for_us, malformed, too_long, too_large)",
+            chains.clone(),
+        );
+        let log_records = Family::<ResultLabels, Counter>::default();
+        registry.register(
+            "log_records",
+            "Accountability log records: written, or refused (queue full or disk failing: the alarm)",
+            log_records.clone(),
+        );
         Arc::new(Self {
+            chains,
+            log_records,
             registry,
             requests,
             latency,
@@ -180,6 +203,20 @@ impl Metrics {
     /// The presented SVID's notAfter.
     pub fn svid_expiry(&self, not_after_unix: i64) {
         self.svid_expiry.set(not_after_unix);
+    }
+
+    /// An inbound caller chain's outcome.
+    pub fn chain(&self, result: &'static str) {
+        self.chains.get_or_create(&ResultLabels { result }).inc();
+    }
+
+    /// A record written or refused.
+    pub fn log_record(&self, written: bool) {
+        self.log_records
+            .get_or_create(&ResultLabels {
+                result: if written { "written" } else { "refused" },
+            })
+            .inc();
     }
 
     /// Prometheus text exposition.

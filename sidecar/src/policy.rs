@@ -182,6 +182,12 @@ pub enum ConditionKey {
     Claim(String),
     /// `source.principal`: the caller's SPIFFE ID.
     SourcePrincipal,
+    /// `request.chain.origin`: the SPIFFE ID that started the verified caller chain (absent without a chain).
+    ChainOrigin,
+    /// `request.chain.callers`: matches when any caller in the chain matches.
+    ChainCallers,
+    /// `request.chain.length`: number of hops (0 without a chain); values are `N`, `>N`, `>=N`, `<N`, `<=N`.
+    ChainLength,
 }
 
 impl<'de> Deserialize<'de> for ConditionKey {
@@ -199,9 +205,15 @@ impl<'de> Deserialize<'de> for ConditionKey {
             Ok(Self::Claim(c))
         } else if s == "source.principal" {
             Ok(Self::SourcePrincipal)
+        } else if s == "request.chain.origin" {
+            Ok(Self::ChainOrigin)
+        } else if s == "request.chain.callers" {
+            Ok(Self::ChainCallers)
+        } else if s == "request.chain.length" {
+            Ok(Self::ChainLength)
         } else {
             Err(serde::de::Error::custom(format!(
-                "unknown condition key {s:?} (supported: request.headers[NAME], request.auth.claims[NAME], source.principal)"
+                "unknown condition key {s:?} (supported: request.headers[NAME], request.auth.claims[NAME], source.principal, request.chain.origin, request.chain.callers, request.chain.length)"
             )))
         }
     }
@@ -213,13 +225,16 @@ impl fmt::Display for ConditionKey {
             Self::Header(h) => write!(f, "request.headers[{h}]"),
             Self::Claim(c) => write!(f, "request.auth.claims[{c}]"),
             Self::SourcePrincipal => f.write_str("source.principal"),
+            Self::ChainOrigin => f.write_str("request.chain.origin"),
+            Self::ChainCallers => f.write_str("request.chain.callers"),
+            Self::ChainLength => f.write_str("request.chain.length"),
         }
     }
 }
 
 /// A `when` condition.
 #[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields, rename_all = "camelCase")]
+#[serde(try_from = "RawCondition")]
 pub struct Condition {
     /// What to look at.
     pub key: ConditionKey,
@@ -292,6 +307,8 @@ pub struct Request {
     pub headers: Vec<(String, String)>,
     /// Claims of a validated JWT-SVID, if the caller sent one.
     pub claims: Option<serde_json::Value>,
+    /// Callers of the verified caller chain, origin first (empty without a chain).
+    pub chain: Vec<String>,
 }
 
 /// The outcome for one request.
@@ -362,8 +379,95 @@ impl Operation {
     }
 }
 
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct RawCondition {
+    key: ConditionKey,
+    #[serde(default)]
+    values: Vec<Pattern>,
+    #[serde(default)]
+    not_values: Vec<Pattern>,
+}
+
+/// A length comparison of `request.chain.length`.
+fn length_matches(spec: &Pattern, n: usize) -> Result<bool, String> {
+    let Pattern::Exact(s) = spec else {
+        return Err(format!(
+            "{spec}: request.chain.length takes N, >N, >=N, <N or <=N"
+        ));
+    };
+    let (op, num) = [">=", "<=", ">", "<"]
+        .iter()
+        .find_map(|op| s.strip_prefix(op).map(|r| (*op, r)))
+        .unwrap_or(("=", s.as_str()));
+    let k: usize = num
+        .trim()
+        .parse()
+        .map_err(|_| format!("{s:?}: request.chain.length takes N, >N, >=N, <N or <=N"))?;
+    Ok(match op {
+        ">=" => n >= k,
+        "<=" => n <= k,
+        ">" => n > k,
+        "<" => n < k,
+        _ => n == k,
+    })
+}
+
+impl TryFrom<RawCondition> for Condition {
+    type Error = String;
+    fn try_from(r: RawCondition) -> Result<Self, String> {
+        if r.key == ConditionKey::ChainLength {
+            for v in r.values.iter().chain(&r.not_values) {
+                length_matches(v, 0)?;
+            }
+        }
+        Ok(Self {
+            key: r.key,
+            values: r.values,
+            not_values: r.not_values,
+        })
+    }
+}
+
 impl Condition {
     fn check(&self, r: &Request) -> Result<(), String> {
+        match &self.key {
+            ConditionKey::ChainLength => {
+                let n = r.chain.len();
+                let any = |ps: &[Pattern]| ps.iter().any(|p| length_matches(p, n).unwrap_or(false));
+                if !self.values.is_empty() && !any(&self.values) {
+                    return Err(format!(
+                        "request.chain.length {n} is not one of [{}]",
+                        list(&self.values)
+                    ));
+                }
+                if any(&self.not_values) {
+                    return Err(format!(
+                        "request.chain.length {n} is excluded by [{}]",
+                        list(&self.not_values)
+                    ));
+                }
+                return Ok(());
+            }
+            ConditionKey::ChainCallers => {
+                let hit = |ps: &[Pattern]| r.chain.iter().any(|c| any_match(ps, c));
+                if !self.values.is_empty() && !hit(&self.values) {
+                    return Err(format!(
+                        "no caller in the chain [{}] is one of [{}]",
+                        r.chain.join(", "),
+                        list(&self.values)
+                    ));
+                }
+                if hit(&self.not_values) {
+                    return Err(format!(
+                        "a caller in the chain [{}] is excluded",
+                        r.chain.join(", ")
+                    ));
+                }
+                return Ok(());
+            }
+            _ => {}
+        }
         let value: Option<String> = match &self.key {
             ConditionKey::Header(h) => r.headers.iter().find(|(k, _)| k == h).map(|(_, v)| v.clone()),
             ConditionKey::Claim(c) => r.claims.as_ref().and_then(|cl| cl.get(c)).map(|v| match v {
@@ -371,6 +475,8 @@ impl Condition {
                 other => other.to_string(),
             }),
             ConditionKey::SourcePrincipal => r.principal.clone(),
+            ConditionKey::ChainOrigin => r.chain.first().cloned(),
+            ConditionKey::ChainCallers | ConditionKey::ChainLength => None,
         };
         field(
             &self.key.to_string(),
@@ -586,10 +692,43 @@ mod tests {
             port: Some(8080),
             headers: vec![("x-env".into(), "prod".into())],
             claims: None,
+            chain: Vec::new(),
         }
     }
 
     const FRONTEND: &str = "spiffe://example.org/frontend";
+
+    #[test]
+    fn chain_conditions_use_origin_callers_and_length() {
+        let set = set(&[
+            "name: payments-only-from-frontend\naction: ALLOW\nrules:\n  - to:\n      - operation:\n          paths: [\"/payments*\"]\n    when:\n      - key: request.chain.origin\n        values: [\"spiffe://example.org/frontend\"]\n",
+            "name: no-long-chains\naction: DENY\nrules:\n  - when:\n      - key: request.chain.length\n        values: [\">3\"]\n",
+            "name: never-via-batch\naction: DENY\nrules:\n  - when:\n      - key: request.chain.callers\n        values: [\"spiffe://example.org/batch\"]\n",
+        ]);
+        let mut r = req("spiffe://example.org/checkout", "POST", "/payments/1");
+        assert!(!set.evaluate(&r).allowed, "no chain: no origin");
+        r.chain = vec![FRONTEND.into(), "spiffe://example.org/checkout".into()];
+        assert!(set.evaluate(&r).allowed);
+        r.chain = vec!["spiffe://example.org/checkout".into()];
+        assert!(!set.evaluate(&r).allowed, "starts elsewhere");
+        r.chain = vec![FRONTEND.into(), "spiffe://example.org/batch".into()];
+        let d = set.evaluate(&r);
+        assert_eq!(d.by.unwrap().0, "never-via-batch");
+        r.chain = vec![FRONTEND.into(), "a".into(), "b".into(), "c".into()];
+        assert_eq!(set.evaluate(&r).by.unwrap().0, "no-long-chains");
+        r.chain.pop();
+        assert!(set.evaluate(&r).allowed, "3 hops is not > 3");
+        let e = PolicySet::parse_file(
+            Path::new("p.yaml"),
+            "name: x\naction: DENY\nrules:\n  - when:\n      - key: request.chain.length\n        values: [\"many\"]\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("p.yaml:") && e.contains("request.chain.length takes"),
+            "{e}"
+        );
+    }
 
     #[test]
     fn patterns() {

@@ -56,6 +56,142 @@ pub struct Shared {
     pub identity: Arc<SvidSource>,
     /// Limits and timeouts.
     pub limits: Limits,
+    /// Caller-chain bounds and freshness.
+    pub chain_limits: crate::chain::Limits,
+    /// Trace ids that recently arrived with a chain.
+    pub recent_chains: crate::chain::Recent,
+    /// The accountability log, when configured.
+    pub log: Option<LogSink>,
+}
+
+/// Where request records go, and what to do when they cannot be written.
+#[derive(Debug, Clone)]
+pub struct LogSink {
+    /// The log.
+    pub log: trustline_audit::Log,
+    /// Hold each response until its record is on disk.
+    pub durable: bool,
+    /// Refuse requests (503) while the log cannot take records; otherwise serve and raise the alarm.
+    pub fail_closed: bool,
+}
+
+impl Shared {
+    /// Our SPIFFE ID (empty before the first SVID).
+    pub fn own_id(&self) -> String {
+        self.identity
+            .subscribe()
+            .borrow()
+            .as_ref()
+            .map(|c| c.spiffe_id.clone())
+            .unwrap_or_default()
+    }
+
+    /// `Some(503)` when the log is failing and the operator chose fail-closed.
+    fn log_gate(&self, grpc: bool) -> Option<Response<Body>> {
+        let sink = self.log.as_ref()?;
+        let failing = sink
+            .log
+            .stats()
+            .failing
+            .load(std::sync::atomic::Ordering::Relaxed);
+        (sink.fail_closed && failing).then(|| {
+            error_response(
+                grpc,
+                StatusCode::SERVICE_UNAVAILABLE,
+                "log_unavailable",
+                format!(
+                    "the accountability log cannot record requests ({}); refusing (log.on_failure = \"closed\")",
+                    sink.log.stats().last_error().unwrap_or_default()
+                ),
+            )
+        })
+    }
+
+    /// Counts the request and writes its record; under fail-closed a record that cannot be queued (or, in
+    /// durable mode, written) turns the response into a 503.
+    async fn finish(
+        &self,
+        direction: Direction,
+        decision: &'static str,
+        resp: Response<Body>,
+        mut rec: trustline_audit::Record,
+        start: Instant,
+        grpc: bool,
+    ) -> Response<Body> {
+        let took = start.elapsed();
+        rec.status = resp.status().as_u16();
+        rec.decision = decision.to_owned();
+        rec.duration_us = took.as_micros() as u64;
+        rec.bytes_out = content_length(resp.headers());
+        self.metrics.request(direction, decision, rec.status, took);
+        let Some(sink) = &self.log else { return resp };
+        let result = if sink.durable {
+            sink.log.append_durable(&rec).await
+        } else {
+            sink.log.try_append(&rec)
+        };
+        match result {
+            Ok(()) => {
+                self.metrics.log_record(true);
+                resp
+            }
+            Err(e) => {
+                self.metrics.log_record(false);
+                tracing::error!(error = %e, trace_id = %rec.trace_id, "ALARM: request not recorded in the accountability log");
+                if sink.fail_closed {
+                    error_response(
+                        grpc,
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "log_unavailable",
+                        e.to_string(),
+                    )
+                } else {
+                    resp
+                }
+            }
+        }
+    }
+}
+
+fn content_length(h: &HeaderMap) -> u64 {
+    h.get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+/// A record with what the request line says, and the trace ids of its (ensured) traceparent.
+fn new_record<B>(direction: Direction, req: &Request<B>, local: String) -> trustline_audit::Record {
+    let tp = req
+        .headers()
+        .get(&TRACEPARENT)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default();
+    trustline_audit::Record {
+        time_us: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_micros() as i64)
+            .unwrap_or_default(),
+        trace_id: tp.get(3..35).unwrap_or_default().to_owned(),
+        span_id: tp.get(36..52).unwrap_or_default().to_owned(),
+        direction: direction.to_owned(),
+        local,
+        method: req.method().as_str().to_owned(),
+        authority: req
+            .uri()
+            .authority()
+            .map(|a| a.as_str().to_owned())
+            .or_else(|| {
+                req.headers()
+                    .get(header::HOST)
+                    .and_then(|h| h.to_str().ok())
+                    .map(str::to_owned)
+            })
+            .unwrap_or_default(),
+        path: req.uri().path().to_owned(),
+        bytes_in: content_length(req.headers()),
+        ..Default::default()
+    }
 }
 
 /// The name of a negotiated key exchange group, for metrics and logs.
@@ -702,14 +838,18 @@ impl Inbound {
     pub async fn handle(
         self: Arc<Self>,
         peer: Arc<str>,
-        req: Request<Incoming>,
+        mut req: Request<Incoming>,
     ) -> Result<Response<Body>, Infallible> {
         let start = Instant::now();
-        let (decision, resp) = self.decide_and_forward(&peer, req).await;
-        self.shared
-            .metrics
-            .request(INBOUND, decision, resp.status().as_u16(), start.elapsed());
-        Ok(resp)
+        ensure_traceparent(req.headers_mut());
+        let grpc = is_grpc(req.headers());
+        let mut rec = new_record(INBOUND, &req, self.shared.own_id());
+        rec.peer = peer.to_string();
+        let (decision, resp) = self.decide_and_forward(&peer, req, &mut rec).await;
+        Ok(self
+            .shared
+            .finish(INBOUND, decision, resp, rec, start, grpc)
+            .await)
     }
 
     /// Validates the bearer JWT-SVID: `Ok(claims)`, or `Err(reason)` for a 401.
@@ -756,9 +896,17 @@ impl Inbound {
             .map_err(|e| e.to_string())
     }
 
-    async fn decide_and_forward(&self, peer: &str, req: Request<Incoming>) -> (&'static str, Response<Body>) {
+    async fn decide_and_forward(
+        &self,
+        peer: &str,
+        req: Request<Incoming>,
+        rec: &mut trustline_audit::Record,
+    ) -> (&'static str, Response<Body>) {
         let grpc = is_grpc(req.headers());
         let limits = &self.shared.limits;
+        if let Some(r) = self.shared.log_gate(grpc) {
+            return ("error", r);
+        }
         if let Some(r) = headers_too_large(&req, limits.max_header_bytes, grpc) {
             return ("error", r);
         }
@@ -789,6 +937,51 @@ impl Inbound {
                 }
             },
         };
+        // The caller chain: verified when present; a bad one is refused before policy.
+        let mut callers = Vec::new();
+        if let Some(v) = req.headers().get(crate::chain::HEADER) {
+            let verified = match (v.to_str(), self.shared.identity.bundle()) {
+                (Ok(text), Some(bundle)) => {
+                    crate::chain::verify(text, &bundle, peer, &rec.local, &self.shared.chain_limits)
+                }
+                (Err(_), _) => Err(crate::chain::ChainError::Malformed {
+                    hop: 0,
+                    reason: "header is not ASCII".into(),
+                }),
+                (_, None) => Err(crate::chain::ChainError::Forged {
+                    hop: 0,
+                    reason: "no trust bundle yet".into(),
+                }),
+            };
+            match verified {
+                Ok(c) => {
+                    self.shared.metrics.chain("ok");
+                    callers = c.callers();
+                    rec.chain_digest = c.digest;
+                    rec.chain = callers.clone();
+                    if let Some(h) = c.hops.first() {
+                        self.shared.recent_chains.saw(&h.tid);
+                    }
+                    self.shared.recent_chains.saw(&rec.trace_id);
+                }
+                Err(e) => {
+                    self.shared.metrics.chain(e.label());
+                    tracing::warn!(peer, path = req.uri().path(), reason = %e, "caller chain refused");
+                    rec.note = format!("caller chain refused: {e}");
+                    return (
+                        "bad_chain",
+                        local_response(
+                            grpc,
+                            StatusCode::FORBIDDEN,
+                            7,
+                            serde_json::json!({"error": "bad_caller_chain", "reason": e.to_string(), "principal": peer}),
+                        ),
+                    );
+                }
+            }
+        } else {
+            self.shared.metrics.chain("absent");
+        }
         let policies = self.shared.policies.get();
         if !policies.policies.is_empty() {
             let pr = PolicyRequest {
@@ -803,8 +996,12 @@ impl Inbound {
                     .filter_map(|(k, v)| v.to_str().ok().map(|v| (k.as_str().to_owned(), v.to_owned())))
                     .collect(),
                 claims,
+                chain: callers,
             };
             let d = policies.evaluate(&pr);
+            rec.policy = d.by.as_ref().map(|(p, _)| p.clone());
+            rec.rule = d.by.as_ref().map(|(_, r)| *r);
+            rec.audit = d.audit.iter().map(|(p, _)| p.clone()).collect();
             if !d.audit.is_empty() {
                 tracing::info!(target: "trustline::audit", peer, method = %pr.method, path = %pr.path, allowed = d.allowed, audit = ?d.audit, "request marked for audit");
             }
@@ -822,18 +1019,9 @@ impl Inbound {
         }
         let h = req.headers_mut();
         // Tell the app who called, as Istio does; a caller cannot forge it (any value it sent is replaced).
-        let own = self
-            .shared
-            .identity
-            .subscribe()
-            .borrow()
-            .as_ref()
-            .map(|c| c.spiffe_id.clone())
-            .unwrap_or_default();
-        if let Ok(v) = HeaderValue::from_str(&format!("By={own};URI={peer}")) {
+        if let Ok(v) = HeaderValue::from_str(&format!("By={};URI={peer}", rec.local)) {
             h.insert(XFCC, v);
         }
-        ensure_traceparent(h);
         match forward(&self.h1, &self.h2, req, limits, grpc, &self.app_name).await {
             Ok(r) => ("allow", r),
             Err(r) => ("error", r),
@@ -855,6 +1043,7 @@ impl Inbound {
                 port: Some(self.app.port()),
                 headers: Vec::new(),
                 claims: None,
+                chain: Vec::new(),
             });
             if !d.allowed {
                 self.shared.metrics.tcp_denied(INBOUND);
@@ -913,18 +1102,28 @@ impl Outbound {
     }
 
     /// Routes and forwards one request from the local app.
-    pub async fn handle(self: Arc<Self>, req: Request<Incoming>) -> Result<Response<Body>, Infallible> {
+    pub async fn handle(self: Arc<Self>, mut req: Request<Incoming>) -> Result<Response<Body>, Infallible> {
         let start = Instant::now();
-        let (decision, resp) = self.route_and_forward(req).await;
-        self.shared
-            .metrics
-            .request(OUTBOUND, decision, resp.status().as_u16(), start.elapsed());
-        Ok(resp)
+        ensure_traceparent(req.headers_mut());
+        let grpc = is_grpc(req.headers());
+        let mut rec = new_record(OUTBOUND, &req, self.shared.own_id());
+        let (decision, resp) = self.route_and_forward(req, &mut rec).await;
+        Ok(self
+            .shared
+            .finish(OUTBOUND, decision, resp, rec, start, grpc)
+            .await)
     }
 
-    async fn route_and_forward(&self, req: Request<Incoming>) -> (&'static str, Response<Body>) {
+    async fn route_and_forward(
+        &self,
+        req: Request<Incoming>,
+        rec: &mut trustline_audit::Record,
+    ) -> (&'static str, Response<Body>) {
         let grpc = is_grpc(req.headers());
         let limits = &self.shared.limits;
+        if let Some(r) = self.shared.log_gate(grpc) {
+            return ("error", r);
+        }
         if let Some(r) = headers_too_large(&req, limits.max_header_bytes, grpc) {
             return ("error", r);
         }
@@ -961,7 +1160,48 @@ impl Outbound {
                 error_response(grpc, StatusCode::BAD_REQUEST, "bad_request", reason),
             );
         }
-        ensure_traceparent(req.headers_mut());
+        // Append our signed hop to the chain the app propagated, or start one.
+        let to: Vec<String> = entry.route.spiffe_ids.iter().map(ToString::to_string).collect();
+        rec.peer = to.join(" | ");
+        let existing = req
+            .headers()
+            .get(crate::chain::HEADER)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned);
+        if existing.is_none() && self.shared.recent_chains.seen(&rec.trace_id) {
+            rec.note = "chain restarted: the app did not propagate trustline-caller-chain".into();
+            tracing::info!(trace_id = %rec.trace_id, "caller chain restarted: the app did not propagate it");
+        }
+        let hop = crate::chain::NewHop {
+            tid: &rec.trace_id,
+            from: &rec.local,
+            to: &to,
+            method: &rec.method,
+            authority: &rec.authority,
+            path: &rec.path,
+        };
+        match crate::chain::append(existing.as_deref(), &hop, &self.shared.identity.cert).and_then(|v| {
+            HeaderValue::from_str(&v)
+                .map(|h| (v, h))
+                .map_err(|e| e.to_string())
+        }) {
+            Ok((text, v)) => {
+                rec.chain_digest = crate::chain::digest(&text);
+                rec.chain = crate::chain::callers_unverified(&text);
+                req.headers_mut().insert(crate::chain::HEADER, v);
+            }
+            Err(e) => {
+                return (
+                    "error",
+                    error_response(
+                        grpc,
+                        StatusCode::BAD_GATEWAY,
+                        "caller_chain",
+                        format!("cannot sign the caller chain: {e}"),
+                    ),
+                )
+            }
+        }
         let name = format!("upstream {} ({})", entry.route.upstream, entry.route.host);
         match forward(&self.h1, &self.h2, req, limits, grpc, &name).await {
             Ok(r) => ("allow", r),

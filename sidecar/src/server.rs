@@ -37,6 +37,9 @@ pub enum RunError {
     /// TLS setup failed.
     #[error("TLS: {0}")]
     Tls(#[from] trustline_identity::tls::TlsError),
+    /// The accountability log could not be opened.
+    #[error("{0}")]
+    Log(String),
 }
 
 /// The addresses actually bound (useful with port 0).
@@ -221,11 +224,40 @@ pub async fn run(
     let bundle = identity
         .bundle()
         .ok_or_else(|| trustline_identity::tls::TlsError::Key("SVID without bundle".into()))?;
+    let log = match &config.log {
+        None => None,
+        Some(l) => {
+            let writer = l.writer().map_err(|e| RunError::Log(format!("log.fsync: {e}")))?;
+            let signer: Arc<dyn trustline_audit::CheckpointSigner> = identity.cert.clone();
+            let (log, recovery) =
+                trustline_audit::Log::open(writer, Some(signer)).map_err(|e| RunError::Log(e.to_string()))?;
+            tracing::info!(
+                dir = %l.dir.display(),
+                records = recovery.next_seq,
+                segments = recovery.segments,
+                cut_bytes = recovery.truncated_bytes,
+                "accountability log open"
+            );
+            Some(crate::proxy::LogSink {
+                log,
+                durable: l.durable,
+                fail_closed: l.on_failure == crate::config::OnFailure::Closed,
+            })
+        }
+    };
     let shared = Arc::new(Shared {
         metrics: metrics.clone(),
         policies,
         identity: identity.clone(),
         limits: limits.clone(),
+        chain_limits: crate::chain::Limits {
+            max_hops: config.chain.max_hops,
+            max_bytes: config.chain.max_bytes,
+            max_age: config.chain.max_age,
+            ..crate::chain::Limits::default()
+        },
+        recent_chains: crate::chain::Recent::default(),
+        log: log.clone(),
     });
     let mut all_conns = Vec::new();
 
@@ -330,6 +362,11 @@ pub async fn run(
     };
     if tokio::time::timeout(limits.drain_timeout, drained).await.is_err() {
         tracing::warn!("drain timeout: closing the remaining connections");
+    }
+    drop(shared);
+    if let Some(sink) = log {
+        // The last handle: write what is queued and sign a final checkpoint.
+        let _ = tokio::task::spawn_blocking(move || sink.log.close()).await;
     }
     Ok(())
 }
