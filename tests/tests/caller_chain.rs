@@ -1,0 +1,267 @@
+//! Call-chain accountability end to end: A -> B -> C, each service behind its own sidecar (real processes), C's
+//! policy requiring the chain to start at A; forged, reordered and replayed chains refused; every request
+//! recorded in each sidecar's accountability log, which `trustline-audit verify` accepts.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::net::SocketAddr;
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64;
+use base64::Engine as _;
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use trustline_tests::bin;
+use trustline_tests::mesh::{echo_app, request, Mesh, TD};
+
+const CHAIN: &str = "trustline-caller-chain";
+
+const C_POLICY: &str = r#"
+name: payments-start-at-a
+action: ALLOW
+rules:
+  - to:
+      - operation:
+          paths: ["/payments*"]
+    when:
+      - key: request.chain.origin
+        values: ["spiffe://example.org/a"]
+"#;
+
+/// App B: forwards every request to C through B's outbound sidecar, propagating `traceparent` and the caller
+/// chain like a well-behaved app (except under `/nochain`, where it drops the chain).
+async fn app_b(outbound: Arc<OnceLock<SocketAddr>>) -> SocketAddr {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = l.accept().await {
+            let outbound = outbound.clone();
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
+                    let outbound = outbound.clone();
+                    async move {
+                        let mut headers: Vec<(String, String)> = Vec::new();
+                        for name in ["traceparent", CHAIN] {
+                            if name == CHAIN && req.uri().path().starts_with("/nochain") {
+                                continue;
+                            }
+                            if let Some(v) = req.headers().get(name) {
+                                headers.push((name.to_owned(), v.to_str().unwrap().to_owned()));
+                            }
+                        }
+                        let h: Vec<(&str, &str)> =
+                            headers.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+                        let path = req.uri().path().replace("/nochain", "");
+                        let r = request(*outbound.get().unwrap(), "GET", "c", &path, &h, "")
+                            .await
+                            .unwrap();
+                        Ok::<_, std::convert::Infallible>(
+                            http::Response::builder()
+                                .status(r.status)
+                                .header("content-type", "application/json")
+                                .body(Full::new(Bytes::from(r.body)))
+                                .unwrap(),
+                        )
+                    }
+                });
+                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(tcp), svc)
+                    .await;
+            });
+        }
+    });
+    addr
+}
+
+fn log_cfg(dir: &std::path::Path) -> String {
+    format!(
+        "[log]\ndir = \"{}\"\ncheckpoint_records = 5\ncheckpoint_interval = \"200ms\"\n[chain]\nmax_age = \"3s\"\n",
+        dir.display()
+    )
+}
+
+fn route(host: &str, up: SocketAddr, id: &str) -> String {
+    format!("[[outbound]]\nlisten = \"127.0.0.1:0\"\n[[outbound.route]]\nhost = \"{host}\"\nupstream = \"{up}\"\nspiffe_ids = [\"{TD}/{id}\"]\n")
+}
+
+/// Replaces the JSON payload of a hop (keeping its signature).
+fn tamper(hop: &str, f: impl FnOnce(&mut serde_json::Value)) -> String {
+    let (p, rest) = hop.split_once('.').unwrap();
+    let mut v: serde_json::Value = serde_json::from_slice(&B64.decode(p).unwrap()).unwrap();
+    f(&mut v);
+    format!("{}.{rest}", B64.encode(serde_json::to_vec(&v).unwrap()))
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_chain_from_a_through_b_reaches_c_and_every_forgery_is_refused() {
+    let mesh = Mesh::start("");
+    let logs = mesh.tmp.path().join("logs");
+    let app_c = echo_app().await;
+    let c = mesh.sidecar(
+        "c",
+        &format!(
+            "{}[[inbound]]\nlisten = \"127.0.0.1:0\"\napp = \"{app_c}\"\n",
+            log_cfg(&logs.join("c"))
+        ),
+        &[("allow.yaml", C_POLICY)],
+    );
+    let b_out = Arc::new(OnceLock::new());
+    let app_b = app_b(b_out.clone()).await;
+    let b = mesh.sidecar(
+        "b",
+        &format!(
+            "{}[[inbound]]\nlisten = \"127.0.0.1:0\"\napp = \"{app_b}\"\n{}",
+            log_cfg(&logs.join("b")),
+            route("c", c.inbound[0], "c")
+        ),
+        &[],
+    );
+    b_out.set(b.outbound[0]).unwrap();
+    let a = mesh.sidecar(
+        "a",
+        &format!("{}{}", log_cfg(&logs.join("a")), route("b", b.inbound[0], "b")),
+        &[],
+    );
+
+    // A -> B -> C: allowed; C's app sees both hops.
+    let r = request(a.outbound[0], "GET", "b", "/payments/7", &[], "")
+        .await
+        .unwrap();
+    assert_eq!(r.status, 200, "{}", r.body);
+    let seen = r.json();
+    let chain = seen["headers"][CHAIN].as_str().unwrap().to_owned();
+    let hops: Vec<&str> = chain.split(',').collect();
+    assert_eq!(hops.len(), 2);
+    let trace = seen["headers"]["traceparent"].as_str().unwrap()[3..35].to_owned();
+
+    // The same call from B alone: the chain starts at B, and C's policy refuses it.
+    let r = request(b.outbound[0], "GET", "c", "/payments/7", &[], "")
+        .await
+        .unwrap();
+    assert_eq!(r.status, 403, "{}", r.body);
+    assert_eq!(
+        r.json()["policy"],
+        serde_json::Value::Null,
+        "default deny: {}",
+        r.body
+    );
+
+    // App B drops the chain: it restarts at B (C refuses), and B's log says so.
+    let r = request(a.outbound[0], "GET", "b", "/nochain/payments/8", &[], "")
+        .await
+        .unwrap();
+    assert_eq!(r.status, 403, "{}", r.body);
+
+    // A forged first hop (its payload changed after A signed it), passed on by B.
+    let forged = tamper(hops[0], |v| v["p"] = "/payments/9999".into());
+    let r = request(b.outbound[0], "GET", "c", "/payments/7", &[(CHAIN, &forged)], "")
+        .await
+        .unwrap();
+    assert_eq!(r.status, 403, "{}", r.body);
+    assert_eq!(r.json()["error"], "bad_caller_chain");
+    assert!(
+        r.json()["reason"].as_str().unwrap().contains("hop 0 is forged"),
+        "{}",
+        r.body
+    );
+
+    // Reordered: B's old hop before A's.
+    let reordered = format!("{},{}", hops[1], hops[0]);
+    let r = request(
+        b.outbound[0],
+        "GET",
+        "c",
+        "/payments/7",
+        &[(CHAIN, &reordered)],
+        "",
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status, 403, "{}", r.body);
+    assert!(
+        r.json()["reason"].as_str().unwrap().contains("breaks the chain"),
+        "{}",
+        r.body
+    );
+
+    // Truncated: B presents only A's hop as if it were its own call (the last hop is not B's).
+    let r = request(c.inbound[0], "GET", "c", "/payments/7", &[], "").await;
+    assert!(
+        r.is_err() || r.unwrap().status != 200,
+        "plaintext to an inbound listener gets nowhere"
+    );
+
+    // Replayed: A's hop, valid when signed, presented again after the 3 s window.
+    tokio::time::sleep(Duration::from_millis(3200)).await;
+    let r = request(b.outbound[0], "GET", "c", "/payments/7", &[(CHAIN, hops[0])], "")
+        .await
+        .unwrap();
+    assert_eq!(r.status, 403, "{}", r.body);
+    assert!(
+        r.json()["reason"].as_str().unwrap().contains("stale"),
+        "{}",
+        r.body
+    );
+
+    for (s, reason) in [(&c, "forged"), (&c, "broken"), (&c, "stale"), (&c, "ok")] {
+        assert!(
+            s.metric("trustline_sidecar_caller_chains_total", &[("result", reason)])
+                .await
+                >= 1.0,
+            "{reason}"
+        );
+    }
+
+    // Every sidecar recorded its requests; C's record of the allowed call names both callers.
+    drop((a, b, c));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let c_records = trustline_audit::verify::records(&logs.join("c")).unwrap();
+    let allowed = c_records
+        .iter()
+        .find(|(_, r)| r.trace_id == trace && r.status == 200)
+        .expect("C recorded the allowed call");
+    assert_eq!(allowed.1.chain, vec![format!("{TD}/a"), format!("{TD}/b")]);
+    assert_eq!(allowed.1.peer, format!("{TD}/b"));
+    assert_eq!(allowed.1.policy.as_deref(), Some("payments-start-at-a"));
+    assert!(c_records
+        .iter()
+        .any(|(_, r)| r.decision == "bad_chain" && r.note.contains("forged")));
+    let b_records = trustline_audit::verify::records(&logs.join("b")).unwrap();
+    assert!(
+        b_records
+            .iter()
+            .any(|(_, r)| r.direction == "outbound" && r.note.contains("chain restarted")),
+        "B's log says the chain restarted"
+    );
+    assert!(b_records
+        .iter()
+        .any(|(_, r)| r.direction == "inbound" && r.trace_id == trace));
+    let a_records = trustline_audit::verify::records(&logs.join("a")).unwrap();
+    assert!(a_records
+        .iter()
+        .any(|(_, r)| r.direction == "outbound" && r.trace_id == trace));
+
+    // The logs verify, checkpoints signed by each sidecar's SVID and checked against the bundle.
+    let bundle = mesh.tmp.path().join("bundle.pem");
+    std::fs::write(&bundle, mesh.ca.cli_ok(&["bundle", "show", "--format", "pem"])).unwrap();
+    for name in ["a", "b", "c"] {
+        let out = std::process::Command::new(bin("trustline-audit"))
+            .args(["verify", "--bundle"])
+            .arg(&bundle)
+            .arg(logs.join(name))
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "{name}: {text}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(
+            text.contains("OK") && text.contains(&format!("{TD}/{name}")),
+            "{text}"
+        );
+    }
+}
