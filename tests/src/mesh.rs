@@ -122,6 +122,8 @@ pub struct Sidecar {
     pub metrics: SocketAddr,
     /// stderr lines.
     pub logs: Arc<std::sync::Mutex<Vec<String>>>,
+    exe: PathBuf,
+    config: PathBuf,
 }
 
 impl Sidecar {
@@ -147,6 +149,8 @@ impl Sidecar {
             outbound: field("outbound="),
             metrics: field("metrics=")[0],
             logs,
+            exe: exe.to_owned(),
+            config: config.to_owned(),
         }
     }
 
@@ -178,6 +182,20 @@ impl Sidecar {
         if let Some(mut c) = self.child.take() {
             terminate(&mut c);
         }
+    }
+
+    /// Starts the same sidecar again (after [`stop`](Self::stop) or a kill); listeners get new ports.
+    pub fn restart(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        *self = Self::spawn(
+            &self.name.clone(),
+            &self.exe.clone(),
+            &self.config.clone(),
+            self.policy_dir.clone(),
+        );
     }
 
     /// The child process id, while running.
