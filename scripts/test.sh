@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Runs every Trustline test. Installs what the tests need (Debian packages) when missing, starts a throwaway
-# PostgreSQL on loopback for the store tests, and prints cargo's own summary lines.
+# Runs every Trustline test. Installs what the tests need (Debian packages: postgresql, openssl, chromium) when
+# missing, starts a throwaway PostgreSQL on loopback for the store tests, and prints cargo's own summary lines.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -11,6 +11,8 @@ for v in 17 16 15; do
 done
 [ -n "$PG_BIN" ] || need_apt+=(postgresql)
 command -v openssl >/dev/null || need_apt+=(openssl)
+# Headless Chromium renders the audit tool's HTML call graph in the caller-chain test.
+[ -x /usr/bin/chromium ] || need_apt+=(chromium)
 if [ ${#need_apt[@]} -gt 0 ]; then
   echo "== installing: ${need_apt[*]}"
   if [ "$(id -u)" -eq 0 ]; then SUDO=""; else SUDO="sudo"; fi
@@ -53,6 +55,7 @@ if [ ! -x "$PY_VENV/bin/python" ] || ! "$PY_VENV/bin/python" -c 'import spiffe' 
   "$PY_VENV/bin/pip" install -q --disable-pip-version-check "spiffe==0.3.2" "grpcio==1.85.1"
 fi
 export TRUSTLINE_TEST_PYTHON="$PWD/$PY_VENV/bin/python"
+export TRUSTLINE_TEST_CHROMIUM=/usr/bin/chromium
 
 # End-to-end tests run the real binaries: build them first.
 echo "== cargo build --workspace --bins"

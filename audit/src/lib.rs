@@ -9,6 +9,7 @@
 #![warn(missing_docs)]
 
 pub mod format;
+pub mod query;
 pub mod verify;
 pub mod writer;
 

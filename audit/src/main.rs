@@ -33,6 +33,90 @@ enum Command {
         #[arg(long, default_value = "example.org")]
         trust_domain: String,
     },
+    /// The call tree of one request, merged from many sidecars' logs.
+    ///
+    /// Example: trustline-audit trace 4bf92f3577b34da6a3ce929d0e0e4736 --format html --out trace.html logs/*
+    Trace {
+        /// W3C trace id (32 hex).
+        trace_id: String,
+        /// Log folders.
+        #[arg(required = true)]
+        dirs: Vec<PathBuf>,
+        /// text, json, dot (Graphviz) or html (a self-contained page drawing the call graph).
+        #[arg(long, default_value = "text")]
+        format: Format,
+        /// Write to this file instead of stdout.
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+    /// Records matching every given filter, as JSON lines (with the log and sequence number of each).
+    ///
+    /// Example: trustline-audit query --callee spiffe://example.org/payments --decision deny --since 2026-11-23T00:00:00Z logs/*
+    Query {
+        /// Log folders.
+        #[arg(required = true)]
+        dirs: Vec<PathBuf>,
+        /// Caller SPIFFE ID (exact, or a prefix ending in *).
+        #[arg(long)]
+        caller: Option<String>,
+        /// Callee SPIFFE ID (exact, or a prefix ending in *).
+        #[arg(long)]
+        callee: Option<String>,
+        /// Path (exact, or a prefix ending in *).
+        #[arg(long)]
+        path: Option<String>,
+        /// Decision: allow, deny, bad_chain, unauthenticated, error.
+        #[arg(long)]
+        decision: Option<String>,
+        /// Trace id.
+        #[arg(long)]
+        trace_id: Option<String>,
+        /// From this time (RFC 3339, e.g. 2026-11-23T10:00:00Z), inclusive.
+        #[arg(long)]
+        since: Option<String>,
+        /// Until this time (RFC 3339), exclusive.
+        #[arg(long)]
+        until: Option<String>,
+    },
+}
+
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+enum Format {
+    Text,
+    Json,
+    Dot,
+    Html,
+}
+
+fn load(dirs: &[PathBuf]) -> Result<Vec<trustline_audit::query::Located>, String> {
+    let mut out = Vec::new();
+    for d in dirs {
+        if !d.is_dir() {
+            return Err(format!("{}: not a log folder", d.display()));
+        }
+        for (seq, record) in trustline_audit::verify::records(d).map_err(|e| e.to_string())? {
+            out.push(trustline_audit::query::Located {
+                log: d.display().to_string(),
+                seq,
+                record,
+            });
+        }
+    }
+    Ok(out)
+}
+
+fn time_us(flag: &str, v: &Option<String>) -> Result<Option<i64>, String> {
+    v.as_ref()
+        .map(|s| {
+            humantime::parse_rfc3339_weak(s)
+                .map_err(|e| format!("{flag} {s:?}: {e} (expected RFC 3339, e.g. 2026-11-23T10:00:00Z)"))
+                .and_then(|t| {
+                    t.duration_since(std::time::UNIX_EPOCH)
+                        .map(|d| d.as_micros() as i64)
+                        .map_err(|e| format!("{flag} {s:?}: {e}"))
+                })
+        })
+        .transpose()
 }
 
 fn run(cli: Cli) -> Result<ExitCode, String> {
@@ -80,6 +164,68 @@ fn run(cli: Cli) -> Result<ExitCode, String> {
             } else {
                 ExitCode::from(3)
             })
+        }
+        Command::Trace {
+            trace_id,
+            dirs,
+            format,
+            out,
+        } => {
+            let records = load(&dirs)?;
+            let t = trustline_audit::query::trace(&trace_id, &records);
+            if t.calls.is_empty() {
+                return Err(format!("trace {trace_id}: no records in {} log(s)", dirs.len()));
+            }
+            let text = match format {
+                Format::Text => t.to_text(),
+                Format::Json => serde_json::to_string_pretty(&t).map_err(|e| e.to_string())? + "\n",
+                Format::Dot => t.to_dot(),
+                Format::Html => t.to_html(),
+            };
+            match out {
+                Some(p) => {
+                    std::fs::write(&p, text).map_err(|e| format!("--out {}: {e}", p.display()))?;
+                    println!(
+                        "{}: {} calls between {} services",
+                        p.display(),
+                        t.calls.len(),
+                        t.services.len()
+                    );
+                }
+                None => print!("{text}"),
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Query {
+            dirs,
+            caller,
+            callee,
+            path,
+            decision,
+            trace_id,
+            since,
+            until,
+        } => {
+            let f = trustline_audit::query::Filter {
+                caller,
+                callee,
+                path,
+                decision,
+                trace_id,
+                since_us: time_us("--since", &since)?,
+                until_us: time_us("--until", &until)?,
+            };
+            let mut records = load(&dirs)?;
+            records.retain(|r| f.accepts(r));
+            records.sort_by_key(|r| r.record.time_us);
+            let mut out = std::io::stdout().lock();
+            for r in &records {
+                let line = serde_json::to_string(r).map_err(|e| e.to_string())?;
+                if std::io::Write::write_all(&mut out, format!("{line}\n").as_bytes()).is_err() {
+                    break; // a closed pipe (head, less)
+                }
+            }
+            Ok(ExitCode::SUCCESS)
         }
     }
 }

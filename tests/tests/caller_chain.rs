@@ -243,6 +243,90 @@ async fn a_chain_from_a_through_b_reaches_c_and_every_forgery_is_refused() {
         .iter()
         .any(|(_, r)| r.direction == "outbound" && r.trace_id == trace));
 
+    // The call tree of the allowed request, merged from the three logs.
+    let dirs: Vec<std::path::PathBuf> = ["a", "b", "c"].iter().map(|n| logs.join(n)).collect();
+    let audit = |args: &[&str]| {
+        let out = std::process::Command::new(bin("trustline-audit"))
+            .args(args)
+            .args(&dirs)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let text = audit(&["trace", &trace]);
+    assert!(
+        text.contains(&format!(
+            "{TD}/a\n└─ GET /payments/7 -> {TD}/b  200 allow\n   └─ GET /payments/7 -> {TD}/c  200 allow by payments-start-at-a"
+        )),
+        "{text}"
+    );
+    let json: serde_json::Value =
+        serde_json::from_str(&audit(&["trace", &trace, "--format", "json"])).unwrap();
+    assert_eq!(json["calls"].as_array().unwrap().len(), 2);
+    assert!(audit(&["trace", &trace, "--format", "dot"]).contains(&format!("\"{TD}/b\" -> \"{TD}/c\"")));
+    let denied = audit(&["query", "--callee", &format!("{TD}/c"), "--decision", "bad_chain"]);
+    assert_eq!(denied.lines().count(), 3, "forged, reordered, replayed: {denied}");
+    assert!(denied
+        .lines()
+        .all(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["direction"] == "inbound"));
+    let html_path = mesh.tmp.path().join("trace.html");
+    audit(&[
+        "trace",
+        &trace,
+        "--format",
+        "html",
+        "--out",
+        html_path.to_str().unwrap(),
+    ]);
+    match std::env::var("TRUSTLINE_TEST_CHROMIUM") {
+        Err(_) => println!(
+            "skipped the browser check: TRUSTLINE_TEST_CHROMIUM is not set (scripts/test.sh sets it)"
+        ),
+        Ok(chromium) => {
+            // Headless Chromium runs the page's script; the rendered DOM must hold the three services and both calls.
+            let profile = tempfile::tempdir().unwrap();
+            let out = std::process::Command::new(chromium)
+                .args([
+                    "--headless",
+                    "--no-sandbox",
+                    "--disable-gpu",
+                    "--disable-quic",
+                    "--no-first-run",
+                    "--disable-background-networking",
+                    "--disable-component-update",
+                    "--disable-sync",
+                    "--dump-dom",
+                ])
+                .arg(format!("--user-data-dir={}", profile.path().display()))
+                .arg(format!("file://{}", html_path.display()))
+                .output()
+                .unwrap();
+            let dom = String::from_utf8_lossy(&out.stdout);
+            assert!(
+                dom.contains("data-rendered=\"2\""),
+                "the page's script ran: {}",
+                &dom[..dom.len().min(500)]
+            );
+            for n in ["a", "b", "c"] {
+                assert!(
+                    dom.contains(&format!("class=\"node\" data-id=\"{TD}/{n}\"")),
+                    "node {n}"
+                );
+            }
+            assert_eq!(
+                dom.matches("class=\"edge\"").count(),
+                2,
+                "two allowed calls drawn"
+            );
+            assert!(dom.contains("GET /payments/7 200 allow"));
+        }
+    }
+
     // The logs verify, checkpoints signed by each sidecar's SVID and checked against the bundle.
     let bundle = mesh.tmp.path().join("bundle.pem");
     std::fs::write(&bundle, mesh.ca.cli_ok(&["bundle", "show", "--format", "pem"])).unwrap();
