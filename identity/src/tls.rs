@@ -216,10 +216,16 @@ struct Anchors {
     anchors: Vec<TrustAnchor<'static>>,
 }
 
+/// Signer chains that verified, by SHA-256 of the chain: SPIFFE ID and validity (unix seconds).
+type SignerCache = std::collections::HashMap<[u8; 32], (SpiffeId, u64, u64)>;
+
 /// A trust bundle shared by verifiers; [`update`](Self::update) swaps it for every later handshake.
 #[derive(Clone)]
 pub struct TrustBundle {
     inner: Arc<RwLock<Arc<Anchors>>>,
+    /// Chains already verified against the current roots (cleared by `update`), so a signer seen on every request
+    /// costs one signature check, not a path validation.
+    signers: Arc<std::sync::Mutex<SignerCache>>,
 }
 
 impl fmt::Debug for TrustBundle {
@@ -256,6 +262,7 @@ impl TrustBundle {
                 trust_domain,
                 anchors,
             }))),
+            signers: Arc::default(),
         })
     }
 
@@ -268,6 +275,8 @@ impl TrustBundle {
             trust_domain: td,
             anchors,
         });
+        drop(guard);
+        self.signers.lock().unwrap_or_else(|p| p.into_inner()).clear();
         Ok(())
     }
 
@@ -454,13 +463,50 @@ impl TrustBundle {
     ) -> Result<SpiffeId, String> {
         let leaf = s.chain.first().ok_or("no signer certificate")?;
         let ee_der = CertificateDer::from(leaf.as_slice());
-        let inter: Vec<CertificateDer<'_>> = s.chain[1..]
-            .iter()
-            .map(|c| CertificateDer::from(c.as_slice()))
-            .collect();
-        let id = self
-            .verify_chain(&ee_der, &inter, at, true)
-            .map_err(|e| format!("signer certificate: {e}"))?;
+        let key = {
+            let mut ctx = aws_lc_rs::digest::Context::new(&aws_lc_rs::digest::SHA256);
+            for c in &s.chain {
+                ctx.update(&(c.len() as u64).to_le_bytes());
+                ctx.update(c);
+            }
+            let mut k = [0u8; 32];
+            k.copy_from_slice(ctx.finish().as_ref());
+            k
+        };
+        let t = at.as_secs();
+        let cached = self
+            .signers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&key)
+            .filter(|(_, nb, na)| (*nb..=*na).contains(&t))
+            .map(|(id, _, _)| id.clone());
+        let id = match cached {
+            Some(id) => id,
+            None => {
+                let inter: Vec<CertificateDer<'_>> = s.chain[1..]
+                    .iter()
+                    .map(|c| CertificateDer::from(c.as_slice()))
+                    .collect();
+                let id = self
+                    .verify_chain(&ee_der, &inter, at, true)
+                    .map_err(|e| format!("signer certificate: {e}"))?;
+                // Valid for the intersection of the chain's validity periods.
+                let (mut nb, mut na) = (0u64, u64::MAX);
+                for c in &s.chain {
+                    if let Ok((_, x)) = X509Certificate::from_der(c) {
+                        nb = nb.max(x.validity().not_before.timestamp().max(0) as u64);
+                        na = na.min(x.validity().not_after.timestamp().max(0) as u64);
+                    }
+                }
+                let mut cache = self.signers.lock().unwrap_or_else(|p| p.into_inner());
+                if cache.len() >= 4096 {
+                    cache.clear();
+                }
+                cache.insert(key, (id.clone(), nb, na));
+                id
+            }
+        };
         let scheme = SignatureScheme::from(s.scheme);
         if !SIGN_SCHEMES.contains(&scheme) {
             return Err(format!("signature scheme {scheme:?} not accepted"));

@@ -17,7 +17,6 @@
 //! the allowed age, and that the last hop was signed by the very peer of the mTLS connection and names this
 //! service as callee. The header size and the number of hops are bounded.
 
-use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -371,28 +370,47 @@ pub fn callers_unverified(value: &str) -> Vec<String> {
 
 /// Trace ids of chains this sidecar received recently, so an outbound request of the same trace without a
 /// chain is known to be a restart (the app did not propagate the header).
-#[derive(Debug, Default)]
+///
+/// Two generations of ids, swapped every 30 s (or when the current one holds 100,000 ids): memory is bounded
+/// and every operation is O(1); an id is remembered for 30 to 60 s.
+#[derive(Debug)]
 pub struct Recent {
-    seen: Mutex<HashMap<String, Instant>>,
+    gens: Mutex<(
+        std::collections::HashSet<String>,
+        std::collections::HashSet<String>,
+        Instant,
+    )>,
+}
+
+impl Default for Recent {
+    fn default() -> Self {
+        Self {
+            gens: Mutex::new((Default::default(), Default::default(), Instant::now())),
+        }
+    }
 }
 
 impl Recent {
-    /// Remembers `tid` for a while.
+    const PERIOD: Duration = Duration::from_secs(30);
+    const CAP: usize = 100_000;
+
+    /// Remembers `tid`.
     pub fn saw(&self, tid: &str) {
-        let mut m = self.seen.lock().unwrap_or_else(|p| p.into_inner());
-        if m.len() > 10_000 {
-            m.retain(|_, t| t.elapsed() < Duration::from_secs(60));
+        let mut g = self.gens.lock().unwrap_or_else(|p| p.into_inner());
+        if g.2.elapsed() >= Self::PERIOD || g.0.len() >= Self::CAP {
+            let current = std::mem::take(&mut g.0);
+            g.1 = current;
+            g.2 = Instant::now();
         }
-        m.insert(tid.to_owned(), Instant::now());
+        if !g.0.contains(tid) {
+            g.0.insert(tid.to_owned());
+        }
     }
 
-    /// Whether `tid` arrived with a chain in the last minute.
+    /// Whether `tid` arrived with a chain recently.
     pub fn seen(&self, tid: &str) -> bool {
-        self.seen
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(tid)
-            .is_some_and(|t| t.elapsed() < Duration::from_secs(60))
+        let g = self.gens.lock().unwrap_or_else(|p| p.into_inner());
+        g.0.contains(tid) || (g.2.elapsed() < Self::PERIOD * 2 && g.1.contains(tid))
     }
 }
 
@@ -406,12 +424,12 @@ mod tests {
     use std::sync::Arc;
     use trustline_identity::spiffe_id::TrustDomain;
 
-    struct Td {
-        bundle: TrustBundle,
+    pub(super) struct Td {
+        pub(super) bundle: TrustBundle,
         issuer: rcgen::Issuer<'static, KeyPair>,
     }
 
-    fn td() -> Td {
+    pub(super) fn td() -> Td {
         let key = KeyPair::generate().unwrap();
         let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
         ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
@@ -425,7 +443,7 @@ mod tests {
         }
     }
 
-    fn svid(td: &Td, id: &str) -> Arc<RotatingCert> {
+    pub(super) fn svid(td: &Td, id: &str) -> Arc<RotatingCert> {
         let key = KeyPair::generate().unwrap();
         let mut p = CertificateParams::new(Vec::<String>::new()).unwrap();
         p.subject_alt_names.push(SanType::URI(id.try_into().unwrap()));

@@ -1,4 +1,4 @@
-//! Added latency and throughput of a sidecar pair, policy on:
+//! Added latency and throughput of a sidecar pair, policy on, without and with the accountability log:
 //!
 //! ```text
 //! load --plaintext--> web sidecar (outbound) ==mTLS 1.3, X25519MLKEM768==> api sidecar (inbound, policy) --> app
@@ -198,23 +198,47 @@ fn main() {
         .unwrap();
     let app = app(&rt);
     let mesh = Mesh::start("");
-    let api = mesh.sidecar(
-        "api",
-        &format!("[[inbound]]\nlisten = \"127.0.0.1:0\"\napp = \"{app}\"\n"),
-        &[("10-allow.yaml", ALLOW), ("20-deny.yaml", DENY)],
-    );
-    let web = mesh.sidecar(
-        "web",
-        &format!(
-            "[[outbound]]\nlisten = \"127.0.0.1:0\"\n[[outbound.route]]\nhost = \"api\"\nupstream = \"{}\"\nspiffe_ids = [\"{TD}/api\"]\n",
-            api.inbound[0]
-        ),
-        &[],
-    );
+    // Two pairs: without and with the accountability log (both sidecars logging, fsync group commit).
+    let pair = |suffix: &str, log: bool| {
+        let log_cfg = |n: &str| {
+            if log {
+                format!(
+                    "[log]\ndir = \"{}\"\n",
+                    mesh.tmp.path().join(format!("log-{n}")).display()
+                )
+            } else {
+                String::new()
+            }
+        };
+        let (api_n, web_n) = (format!("api{suffix}"), format!("web{suffix}"));
+        let allow = ALLOW.replace("spiffe://example.org/web", &format!("{TD}/{web_n}"));
+        let api = mesh.sidecar(
+            &api_n,
+            &format!(
+                "{}[[inbound]]\nlisten = \"127.0.0.1:0\"\napp = \"{app}\"\n",
+                log_cfg(&api_n)
+            ),
+            &[("10-allow.yaml", allow.as_str()), ("20-deny.yaml", DENY)],
+        );
+        let web = mesh.sidecar(
+            &web_n,
+            &format!(
+                "{}[[outbound]]\nlisten = \"127.0.0.1:0\"\n[[outbound.route]]\nhost = \"api\"\nupstream = \"{}\"\nspiffe_ids = [\"{TD}/{api_n}\"]\n",
+                log_cfg(&web_n),
+                api.inbound[0]
+            ),
+            &[],
+        );
+        (api, web)
+    };
+    let (_api, web) = pair("", false);
+    let (_api_l, web_l) = pair("-log", true);
     let via = web.outbound[0];
-    // Warm up both paths (connections, pools, caches).
+    let via_log = web_l.outbound[0];
+    // Warm up every path (connections, pools, caches).
     closed_loop(app, 4, 1);
     closed_loop(via, 4, 1);
+    closed_loop(via_log, 4, 1);
 
     println!(
         "sidecar pair (policy on: 1 ALLOW + 1 DENY), {} cores shared by load, app, both sidecars, agent and CA",
@@ -228,7 +252,8 @@ fn main() {
     for &rate in &rates {
         let d = open_loop(app, rate, secs, conns);
         let s = open_loop(via, rate, secs, conns);
-        for (name, st) in [("direct", &d), ("sidecars", &s)] {
+        let l = open_loop(via_log, rate, secs, conns);
+        for (name, st) in [("direct", &d), ("sidecars", &s), ("+log", &l)] {
             println!(
                 "{rate:>7}  {name:<8} {:>8.0} {:>8.0} {:>8.0} {:>8.0} {:>7}",
                 pct(&st.lat, 0.50),
@@ -239,16 +264,20 @@ fn main() {
             );
         }
         println!(
-            "{rate:>7}  added    p50 {:>6.0} µs   p99 {:>6.0} µs",
+            "{rate:>7}  added    p50 {:>6.0} µs   p99 {:>6.0} µs   (with the log: p50 {:>6.0} µs   p99 {:>6.0} µs)",
             pct(&s.lat, 0.50) - pct(&d.lat, 0.50),
-            pct(&s.lat, 0.99) - pct(&d.lat, 0.99)
+            pct(&s.lat, 0.99) - pct(&d.lat, 0.99),
+            pct(&l.lat, 0.50) - pct(&d.lat, 0.50),
+            pct(&l.lat, 0.99) - pct(&d.lat, 0.99)
         );
     }
     let (d, de) = closed_loop(app, 32, secs);
     let (s, se) = closed_loop(via, 32, secs);
+    let (l, le) = closed_loop(via_log, 32, secs);
     println!("max throughput, closed loop, 32 connections, {secs} s:");
     println!("  direct   {d:>9.0} req/s  errors {de}");
     println!("  sidecars {s:>9.0} req/s  errors {se}");
+    println!("  +log     {l:>9.0} req/s  errors {le}");
     let denied = web.outbound[0];
     let mut r = connect(denied);
     r.get_mut()
