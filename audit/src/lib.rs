@@ -10,6 +10,7 @@
 
 pub mod format;
 pub mod query;
+pub mod store;
 pub mod verify;
 pub mod writer;
 

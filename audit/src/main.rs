@@ -24,14 +24,31 @@ enum Command {
     /// Example: trustline-audit verify --bundle bundle.pem /var/lib/trustline/sidecar/log
     Verify {
         /// Log folders (one per sidecar).
-        #[arg(required = true)]
+        #[arg(required_unless_present = "store")]
         dirs: Vec<PathBuf>,
+        /// Verify the logs shipped to this PostgreSQL store instead (conninfo, e.g. "host=db user=audit dbname=trustline").
+        #[arg(long)]
+        store: Option<String>,
         /// Trust bundle (PEM) to verify checkpoint signers against; without it only hashes are checked.
         #[arg(long)]
         bundle: Option<PathBuf>,
         /// Trust domain of the bundle.
         #[arg(long, default_value = "example.org")]
         trust_domain: String,
+    },
+    /// Ship logs to a central PostgreSQL store (incremental: only frames not stored yet); verify, trace and query
+    /// then work on the store.
+    ///
+    /// Example: trustline-audit ship --store "host=db user=audit dbname=trustline" --name payments-7f9c /var/lib/trustline/sidecar/log
+    Ship {
+        /// PostgreSQL conninfo.
+        #[arg(long)]
+        store: String,
+        /// The log's name in the store (default: the folder's name); one name per sidecar.
+        #[arg(long)]
+        name: Option<String>,
+        /// Log folder.
+        dir: PathBuf,
     },
     /// The call tree of one request, merged from many sidecars' logs.
     ///
@@ -40,8 +57,11 @@ enum Command {
         /// W3C trace id (32 hex).
         trace_id: String,
         /// Log folders.
-        #[arg(required = true)]
+        #[arg(required_unless_present = "store")]
         dirs: Vec<PathBuf>,
+        /// Read the records from this PostgreSQL store instead (conninfo).
+        #[arg(long)]
+        store: Option<String>,
         /// text, json, dot (Graphviz) or html (a self-contained page drawing the call graph).
         #[arg(long, default_value = "text")]
         format: Format,
@@ -54,8 +74,11 @@ enum Command {
     /// Example: trustline-audit query --callee spiffe://example.org/payments --decision deny --since 2026-11-23T00:00:00Z logs/*
     Query {
         /// Log folders.
-        #[arg(required = true)]
+        #[arg(required_unless_present = "store")]
         dirs: Vec<PathBuf>,
+        /// Read the records from this PostgreSQL store instead (conninfo).
+        #[arg(long)]
+        store: Option<String>,
         /// Caller SPIFFE ID (exact, or a prefix ending in *).
         #[arg(long)]
         caller: Option<String>,
@@ -119,10 +142,37 @@ fn time_us(flag: &str, v: &Option<String>) -> Result<Option<i64>, String> {
         .transpose()
 }
 
+fn runtime() -> Result<tokio::runtime::Runtime, String> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| format!("cannot start runtime: {e}"))
+}
+
+async fn store_client(conninfo: &str) -> Result<tokio_postgres::Client, String> {
+    trustline_audit::store::connect(conninfo)
+        .await
+        .map_err(|e| format!("--store: {e}"))
+}
+
 fn run(cli: Cli) -> Result<ExitCode, String> {
     match cli.command {
+        Command::Ship { store, name, dir } => {
+            let name = name
+                .or_else(|| dir.file_name().map(|n| n.to_string_lossy().into_owned()))
+                .ok_or_else(|| format!("{}: give the log a --name", dir.display()))?;
+            runtime()?.block_on(async {
+                let mut c = store_client(&store).await?;
+                let n = trustline_audit::store::ship(&mut c, &name, &dir)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                println!("{}: shipped {n} new frames as log {name:?}", dir.display());
+                Ok(ExitCode::SUCCESS)
+            })
+        }
         Command::Verify {
             dirs,
+            store,
             bundle,
             trust_domain,
         } => {
@@ -141,15 +191,33 @@ fn run(cli: Cli) -> Result<ExitCode, String> {
                     )
                 }
             };
-            let mut clean = true;
+            let mut reports = Vec::new();
+            if let Some(store) = &store {
+                runtime()?.block_on(async {
+                    let c = store_client(store).await?;
+                    for name in trustline_audit::store::logs(&c)
+                        .await
+                        .map_err(|e| e.to_string())?
+                    {
+                        let r = trustline_audit::store::verify(&c, &name, bundle.as_ref())
+                            .await
+                            .map_err(|e| e.to_string())?;
+                        reports.push((format!("store:{name}"), r));
+                    }
+                    Ok::<_, String>(())
+                })?;
+            }
             for d in &dirs {
                 let r = trustline_audit::verify(d, bundle.as_ref()).map_err(|e| e.to_string())?;
+                reports.push((d.display().to_string(), r));
+            }
+            let mut clean = true;
+            for (d, r) in &reports {
                 for f in &r.findings {
-                    println!("{}: FAIL {f}", d.display());
+                    println!("{d}: FAIL {f}");
                 }
                 println!(
-                    "{}: {} — {} records in {} segments, {} signed checkpoints ({}), {} records after the last checkpoint",
-                    d.display(),
+                    "{d}: {} — {} records in {} segments, {} signed checkpoints ({}), {} records after the last checkpoint",
                     if r.ok() { "OK" } else { "TAMPERED" },
                     r.records,
                     r.segments,
@@ -168,10 +236,19 @@ fn run(cli: Cli) -> Result<ExitCode, String> {
         Command::Trace {
             trace_id,
             dirs,
+            store,
             format,
             out,
         } => {
-            let records = load(&dirs)?;
+            let mut records = load(&dirs)?;
+            if let Some(store) = &store {
+                records.extend(runtime()?.block_on(async {
+                    let c = store_client(store).await?;
+                    trustline_audit::store::records(&c, Some(&trace_id))
+                        .await
+                        .map_err(|e| e.to_string())
+                })?);
+            }
             let t = trustline_audit::query::trace(&trace_id, &records);
             if t.calls.is_empty() {
                 return Err(format!("trace {trace_id}: no records in {} log(s)", dirs.len()));
@@ -198,6 +275,7 @@ fn run(cli: Cli) -> Result<ExitCode, String> {
         }
         Command::Query {
             dirs,
+            store,
             caller,
             callee,
             path,
@@ -216,6 +294,14 @@ fn run(cli: Cli) -> Result<ExitCode, String> {
                 until_us: time_us("--until", &until)?,
             };
             let mut records = load(&dirs)?;
+            if let Some(store) = &store {
+                records.extend(runtime()?.block_on(async {
+                    let c = store_client(store).await?;
+                    trustline_audit::store::records(&c, f.trace_id.as_deref())
+                        .await
+                        .map_err(|e| e.to_string())
+                })?);
+            }
             records.retain(|r| f.accepts(r));
             records.sort_by_key(|r| r.record.time_us);
             let mut out = std::io::stdout().lock();

@@ -141,7 +141,7 @@ impl Report {
     }
 }
 
-fn check_checkpoint(
+pub(crate) fn check_checkpoint(
     payload: &[u8],
     hashes: &dyn Fn(u64) -> Option<Hash>,
     bundle: Option<&TrustBundle>,

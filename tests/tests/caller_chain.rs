@@ -327,6 +327,14 @@ async fn a_chain_from_a_through_b_reaches_c_and_every_forgery_is_refused() {
         }
     }
 
+    // Fleet view: ship the three logs to PostgreSQL; trace, query and verify work on what was shipped.
+    match std::env::var("TRUSTLINE_TEST_POSTGRES") {
+        Err(_) => println!(
+            "skipped the central store: TRUSTLINE_TEST_POSTGRES is not set (scripts/test.sh sets it)"
+        ),
+        Ok(admin_conninfo) => central_store(&admin_conninfo, &logs, &trace, &text, &mesh).await,
+    }
+
     // The logs verify, checkpoints signed by each sidecar's SVID and checked against the bundle.
     let bundle = mesh.tmp.path().join("bundle.pem");
     std::fs::write(&bundle, mesh.ca.cli_ok(&["bundle", "show", "--format", "pem"])).unwrap();
@@ -348,4 +356,87 @@ async fn a_chain_from_a_through_b_reaches_c_and_every_forgery_is_refused() {
             "{text}"
         );
     }
+}
+
+/// Ships the logs to a fresh PostgreSQL database and checks `trace`, `query` and `verify` against it, including
+/// a row altered and a row deleted in the database.
+async fn central_store(admin_conninfo: &str, logs: &std::path::Path, trace: &str, text: &str, mesh: &Mesh) {
+    let db = format!("audit_{}_{}", std::process::id(), trustline_tests::now());
+    let (admin, conn) = tokio_postgres::connect(admin_conninfo, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    admin
+        .batch_execute(&format!("CREATE DATABASE {db}"))
+        .await
+        .unwrap();
+    let conninfo = format!("{admin_conninfo} dbname={db}");
+    let audit = |args: &[&str]| {
+        std::process::Command::new(bin("trustline-audit"))
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    for n in ["a", "b", "c"] {
+        let dir = logs.join(n);
+        let out = audit(&["ship", "--store", &conninfo, dir.to_str().unwrap()]);
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert!(String::from_utf8_lossy(&out.stdout).contains(&format!("as log \"{n}\"")));
+        // Shipping again adds nothing.
+        let again = audit(&["ship", "--store", &conninfo, dir.to_str().unwrap()]);
+        assert!(String::from_utf8_lossy(&again.stdout).contains("shipped 0 new frames"));
+    }
+    let out = audit(&["trace", trace, "--store", &conninfo]);
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        text,
+        "the same tree from the store"
+    );
+    let out = audit(&["query", "--store", &conninfo, "--decision", "bad_chain"]);
+    assert_eq!(String::from_utf8_lossy(&out.stdout).lines().count(), 3);
+    let bundle = mesh.tmp.path().join("store-bundle.pem");
+    std::fs::write(&bundle, mesh.ca.cli_ok(&["bundle", "show", "--format", "pem"])).unwrap();
+    let verify = || {
+        audit(&[
+            "verify",
+            "--store",
+            &conninfo,
+            "--bundle",
+            bundle.to_str().unwrap(),
+        ])
+    };
+    let out = verify();
+    let report = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(out.status.success(), "{report}");
+    assert_eq!(report.matches(": OK").count(), 3, "{report}");
+
+    // Tamper in the database: change one record, delete another.
+    let (c, conn) = tokio_postgres::connect(&conninfo, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    c.execute(
+        "UPDATE trustline_log_frames SET body = overlay(body placing '\\x58'::bytea from 20 for 1) WHERE log = 'c' AND seq = 1",
+        &[],
+    )
+    .await
+    .unwrap();
+    c.execute(
+        "DELETE FROM trustline_log_frames WHERE log = 'b' AND seq = 2",
+        &[],
+    )
+    .await
+    .unwrap();
+    let out = verify();
+    let report = String::from_utf8_lossy(&out.stdout).to_string();
+    assert_eq!(out.status.code(), Some(3), "{report}");
+    assert!(
+        report.contains("store:c: FAIL record 1 in store:c was altered"),
+        "{report}"
+    );
+    assert!(report.contains("store:b: FAIL record 2 was removed"), "{report}");
+    drop(c);
+    let _ = admin
+        .batch_execute(&format!("DROP DATABASE {db} WITH (FORCE)"))
+        .await;
 }
