@@ -392,7 +392,13 @@ impl Writer {
                     }
                     self.commit(false);
                 }
-                Err(RecvTimeoutError::Timeout) => self.commit(false),
+                Err(RecvTimeoutError::Timeout) => {
+                    self.commit(false);
+                    if self.stats.failing.load(Ordering::Relaxed) {
+                        // Probe the disk with a checkpoint: if it is written, the log works again.
+                        self.checkpoint(true);
+                    }
+                }
                 Err(RecvTimeoutError::Disconnected) => {
                     self.commit(true);
                     self.checkpoint(true);
@@ -497,7 +503,8 @@ impl Writer {
     }
 
     fn checkpoint(&mut self, force: bool) {
-        if self.since_checkpoint == 0 || self.tail.next_seq == 0 {
+        let probing = self.stats.failing.load(Ordering::Relaxed);
+        if (self.since_checkpoint == 0 && !probing) || self.tail.next_seq == 0 {
             return;
         }
         let due = force

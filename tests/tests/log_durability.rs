@@ -99,3 +99,111 @@ async fn kill_9_loses_no_acknowledged_record() {
         &missing[..missing.len().min(3)]
     );
 }
+
+/// Unmounts on drop.
+struct Mounted(std::path::PathBuf);
+
+impl Drop for Mounted {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.0)
+            .status();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_full_disk_fails_closed_or_open_as_configured_and_recovers() {
+    let mesh = Mesh::start("");
+    let app = echo_app().await;
+    // A real full disk: a 256 KiB tmpfs. Mounting needs privileges; without them the test says so and stops.
+    let mnt = mesh.tmp.path().join("small-disk");
+    std::fs::create_dir_all(&mnt).unwrap();
+    let mounted = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=256k", "tmpfs"])
+        .arg(&mnt)
+        .status()
+        .is_ok_and(|s| s.success());
+    if !mounted {
+        println!("skipped: cannot mount a small tmpfs here (needs root with CAP_SYS_ADMIN)");
+        return;
+    }
+    let _unmount = Mounted(mnt.clone());
+    let sidecar = |name: &str, mode: &str| {
+        mesh.sidecar(
+            name,
+            &format!(
+                "[log]\ndir = \"{}\"\non_failure = \"{mode}\"\ncheckpoint_interval = \"200ms\"\n[[inbound]]\nlisten = \"127.0.0.1:0\"\napp = \"{app}\"\n",
+                mnt.join(name).display()
+            ),
+            &[],
+        )
+    };
+    let mut open = sidecar("api-open", "open");
+    let closed = sidecar("api-closed", "closed");
+    let web = mesh.sidecar(
+        "web",
+        &format!(
+            "[[outbound]]\nlisten = \"127.0.0.1:0\"\n[[outbound.route]]\nhost = \"open\"\nupstream = \"{}\"\nspiffe_ids = [\"{TD}/api-open\"]\n[[outbound.route]]\nhost = \"closed\"\nupstream = \"{}\"\nspiffe_ids = [\"{TD}/api-closed\"]\n",
+            open.inbound[0], closed.inbound[0]
+        ),
+        &[],
+    );
+    let w = web.outbound[0];
+    let big = "x".repeat(2000); // long paths make big records: the disk fills in a few hundred requests
+
+    // Fail open: every request is served; the refusals are counted and logged as an alarm.
+    let mut served = 0;
+    for i in 0..5000 {
+        let r = request(w, "GET", "open", &format!("/fill/{i}/{big}"), &[], "")
+            .await
+            .unwrap();
+        assert_eq!(r.status, 200, "fail-open serves: {}", r.body);
+        served += 1;
+        if i % 50 == 0
+            && open
+                .metric("trustline_sidecar_log_records_total", &[("result", "refused")])
+                .await
+                >= 1.0
+        {
+            break;
+        }
+    }
+    assert!(
+        open.metric("trustline_sidecar_log_records_total", &[("result", "refused")])
+            .await
+            >= 1.0,
+        "the disk filled after {served} requests"
+    );
+    assert!(open.logged("ALARM: request not recorded"));
+    assert!(open.logged("accountability log write failed"));
+
+    // Fail closed: with the disk full, requests are refused with 503 and never reach the app.
+    let r = trustline_tests::eventually(
+        Duration::from_secs(10),
+        "a 503 from the fail-closed sidecar",
+        || async {
+            let r = request(w, "GET", "closed", &format!("/x/{big}"), &[], "")
+                .await
+                .unwrap();
+            (r.status == 503).then_some(r)
+        },
+    )
+    .await;
+    assert!(r.body.contains("log_unavailable"), "{}", r.body);
+
+    // Space comes back: the fail-closed sidecar's writer notices (it probes with a checkpoint) and serves again.
+    open.stop();
+    let _ = std::fs::remove_dir_all(mnt.join("api-open"));
+    trustline_tests::eventually(
+        Duration::from_secs(10),
+        "recovery after the disk has space",
+        || async {
+            let r = request(w, "GET", "closed", "/again", &[], "").await.unwrap();
+            (r.status == 200).then_some(())
+        },
+    )
+    .await;
+    assert!(closed.logged("accountability log writes recovered"));
+    drop(closed);
+}
