@@ -26,6 +26,16 @@ pub async fn run(
 ) -> Result<(), AgentError> {
     let agent = Agent::start(cfg.clone(), join_token).await?;
     agent.spawn_tasks();
+    // Serve once the CA's first entry snapshot is in, so a workload calling right after "ready" is not told
+    // "no identity issued" for an entry that simply has not arrived yet. A CA that cannot be reached does not
+    // hold the agent back for long: it serves what it has and keeps trying.
+    let waited = std::time::Instant::now();
+    while !agent.snapshot().connected && waited.elapsed() < std::time::Duration::from_secs(5) {
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+    if !agent.snapshot().connected {
+        tracing::warn!("serving before the first entry snapshot from the CA arrived (CA unreachable?)");
+    }
     let workload = bind(&cfg.socket)?;
     let http = bind(&cfg.http_socket)?;
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
