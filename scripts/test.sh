@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Runs every Trustline test. Installs what the tests need (Debian packages: postgresql, openssl, chromium) when
+# Runs every Trustline test. Installs what the tests need (Debian packages: postgresql, openssl, chromium, softhsm2) when
 # missing, starts a throwaway PostgreSQL on loopback for the store tests, and prints cargo's own summary lines.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -13,6 +13,8 @@ done
 command -v openssl >/dev/null || need_apt+=(openssl)
 # Headless Chromium renders the audit tool's HTML call graph in the caller-chain test.
 [ -x /usr/bin/chromium ] || need_apt+=(chromium)
+# SoftHSM2 is the PKCS#11 token of the CA key-custody tests.
+[ -f /usr/lib/softhsm/libsofthsm2.so ] || need_apt+=(softhsm2)
 if [ ${#need_apt[@]} -gt 0 ]; then
   echo "== installing: ${need_apt[*]}"
   if [ "$(id -u)" -eq 0 ]; then SUDO=""; else SUDO="sudo"; fi
@@ -56,6 +58,7 @@ if [ ! -x "$PY_VENV/bin/python" ] || ! "$PY_VENV/bin/python" -c 'import spiffe' 
 fi
 export TRUSTLINE_TEST_PYTHON="$PWD/$PY_VENV/bin/python"
 export TRUSTLINE_TEST_CHROMIUM=/usr/bin/chromium
+export TRUSTLINE_TEST_SOFTHSM=/usr/lib/softhsm/libsofthsm2.so
 
 # End-to-end tests run the real binaries: build them first.
 echo "== cargo build --workspace --bins"

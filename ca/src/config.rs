@@ -128,9 +128,12 @@ impl Default for StoreSection {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct KeysConfig {
-    /// Key backend; `software` (keys encrypted at rest in the store).
+    /// Key backend: `software` (keys encrypted at rest in the store) or `pkcs11` (keys inside a token).
     #[serde(default = "default_backend")]
     pub backend: String,
+    /// `[keys.pkcs11]`: the token, for `backend = "pkcs11"`.
+    #[serde(default)]
+    pub pkcs11: Option<Pkcs11Section>,
     /// Key type of the X.509 CA key: ec-p256 (default), ec-p384, ed25519, rsa-2048, rsa-3072, rsa-4096.
     #[serde(default = "default_key_type")]
     pub x509_key_type: String,
@@ -157,8 +160,25 @@ impl Default for KeysConfig {
             jwt_rsa_padding: default_rsa_padding(),
             passphrase_file: None,
             key_file: None,
+            pkcs11: None,
         }
     }
+}
+
+/// `[keys.pkcs11]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Pkcs11Section {
+    /// The PKCS#11 module (shared library), e.g. `/usr/lib/softhsm/libsofthsm2.so`.
+    pub module: PathBuf,
+    /// Label of the token holding the CA keys.
+    pub token_label: String,
+    /// File whose first line is the user PIN (mode 0600).
+    #[serde(default)]
+    pub pin_file: Option<PathBuf>,
+    /// Or: the name of an environment variable holding the PIN.
+    #[serde(default)]
+    pub pin_env: Option<String>,
 }
 
 /// `[ca]`
@@ -311,12 +331,50 @@ impl Config {
         };
         let trust_domain = parse_trust_domain("trust_domain", &raw.trust_domain)
             .map_err(|e| invalid("trust_domain", &raw.trust_domain, e.reason))?;
-        if raw.keys.backend != "software" {
-            return Err(invalid(
-                "keys.backend",
-                &raw.keys.backend,
-                "unsupported backend (this build supports: software)".into(),
-            ));
+        match raw.keys.backend.as_str() {
+            "software" => {}
+            "pkcs11" => {
+                let Some(p) = &raw.keys.pkcs11 else {
+                    return Err(invalid(
+                        "keys.pkcs11",
+                        "",
+                        "backend = \"pkcs11\" needs a [keys.pkcs11] table (module, token_label, pin_file or pin_env)".into(),
+                    ));
+                };
+                if p.token_label.trim().is_empty() {
+                    return Err(invalid(
+                        "keys.pkcs11.token_label",
+                        &p.token_label,
+                        "must not be empty".into(),
+                    ));
+                }
+                if p.pin_file.is_some() == p.pin_env.is_some() {
+                    return Err(invalid(
+                        "keys.pkcs11.pin_file",
+                        "",
+                        "set exactly one of pin_file or pin_env (the PIN is never taken from the command line)".into(),
+                    ));
+                }
+                for (field, v) in [
+                    ("keys.x509_key_type", &raw.keys.x509_key_type),
+                    ("keys.jwt_key_type", &raw.keys.jwt_key_type),
+                ] {
+                    if v != "ec-p256" && v != "ec-p384" {
+                        return Err(invalid(
+                            field,
+                            v,
+                            "PKCS#11 keys here are ec-p256 or ec-p384".into(),
+                        ));
+                    }
+                }
+            }
+            other => {
+                return Err(invalid(
+                    "keys.backend",
+                    other,
+                    "unsupported backend (this build supports: software, pkcs11)".into(),
+                ))
+            }
         }
         let x509_key_type: KeyType =
             raw.keys
@@ -396,6 +454,7 @@ impl Config {
             raw.server.admin_socket.as_mut(),
             raw.keys.passphrase_file.as_mut(),
             raw.keys.key_file.as_mut(),
+            raw.keys.pkcs11.as_mut().and_then(|p| p.pin_file.as_mut()),
             raw.ca.upstream_cert.as_mut(),
             raw.ca.upstream_key.as_mut(),
             raw.ca.upstream_bundle.as_mut(),

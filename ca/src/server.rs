@@ -75,6 +75,25 @@ fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> ServerError + '_ {
 /// Opens the key store named by the config.
 pub fn open_keystore(cfg: &Validated) -> Result<KeyStore, ServerError> {
     let k = &cfg.raw.keys;
+    if let (true, Some(p)) = (k.backend == "pkcs11", &k.pkcs11) {
+        let pin = match (&p.pin_file, &p.pin_env) {
+            (Some(f), _) => trustline_hsm::pkcs11::pin_from_file(f)
+                .map_err(|e| ServerError::Keys(format!("keys.pkcs11.pin_file: {e}")))?,
+            (None, Some(var)) => std::env::var(var).map_err(|_| {
+                ServerError::Keys(format!(
+                    "keys.pkcs11.pin_env: environment variable {var} is not set"
+                ))
+            })?,
+            (None, None) => return Err(ServerError::Keys("keys.pkcs11: no PIN source".into())),
+        };
+        let store = trustline_hsm::Pkcs11KeyStore::open(&trustline_hsm::Pkcs11Config {
+            module: p.module.clone(),
+            token_label: p.token_label.clone(),
+            pin,
+        })
+        .map_err(|e| ServerError::Keys(format!("keys.pkcs11: {e}")))?;
+        return Ok(KeyStore::Pkcs11(store));
+    }
     let soft = if let Some(path) = &k.key_file {
         SoftwareKeyStore::from_key_file(path).map_err(|e| ServerError::Keys(e.to_string()))?
     } else if let Some(path) = &k.passphrase_file {

@@ -11,6 +11,7 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod pkcs11;
 mod software;
 
 use std::fmt;
@@ -18,6 +19,7 @@ use std::path::PathBuf;
 use std::str::FromStr;
 use std::sync::Arc;
 
+pub use pkcs11::{Pkcs11Config, Pkcs11KeyStore};
 pub use software::{load_private_key_pem, SoftwareKeyStore};
 
 /// Key-related failures. Messages name the field or file at fault, never a secret.
@@ -77,6 +79,9 @@ pub enum HsmError {
     /// PEM input could not be used.
     #[error("PEM private key: {0}")]
     BadPem(String),
+    /// A PKCS#11 module, token or key failed (the message names which; never the PIN).
+    #[error("PKCS#11: {0}")]
+    Pkcs11(String),
 }
 
 /// Key types Trustline can hold.
@@ -319,6 +324,8 @@ impl fmt::Debug for KeyRef {
 pub enum KeyStore {
     /// Software keys sealed at rest.
     Software(SoftwareKeyStore),
+    /// Keys inside a PKCS#11 token.
+    Pkcs11(Pkcs11KeyStore),
 }
 
 impl KeyStore {
@@ -326,6 +333,7 @@ impl KeyStore {
     pub fn generate(&self, key_type: KeyType) -> Result<(Arc<dyn Signer>, KeyRef), HsmError> {
         match self {
             Self::Software(s) => s.generate(key_type),
+            Self::Pkcs11(p) => p.generate(key_type),
         }
     }
 
@@ -333,6 +341,7 @@ impl KeyStore {
     pub fn load(&self, key_ref: &KeyRef) -> Result<Arc<dyn Signer>, HsmError> {
         match (self, key_ref.scheme()) {
             (Self::Software(s), "soft") => s.load(key_ref),
+            (Self::Pkcs11(p), "pkcs11") => p.load(key_ref),
             (_, other) => Err(HsmError::BadKeyRef(other.to_owned())),
         }
     }
@@ -341,6 +350,7 @@ impl KeyStore {
     pub fn backend_name(&self) -> &'static str {
         match self {
             Self::Software(_) => "software",
+            Self::Pkcs11(_) => "pkcs11",
         }
     }
 }
