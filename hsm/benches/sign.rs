@@ -1,0 +1,92 @@
+//! Signatures per second per key backend: software keys (aws-lc) and a PKCS#11 token (SoftHSM2, when
+//! `TRUSTLINE_TEST_SOFTHSM` names its module; scripts/test.sh installs it).
+//!
+//! Run: `TRUSTLINE_TEST_SOFTHSM=/usr/lib/softhsm/libsofthsm2.so cargo bench -p trustline-hsm --bench sign`
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use trustline_hsm::{
+    KeyStore, KeyType, Pkcs11Config, Pkcs11KeyStore, SignatureAlgorithm, Signer, SoftwareKeyStore,
+};
+
+fn rate(label: &str, signer: &Arc<dyn Signer>, alg: SignatureAlgorithm) {
+    let msg = [7u8; 256]; // about the size of a certificate's to-be-signed digest input for a small SVID
+    let until = Instant::now() + Duration::from_secs(2);
+    let start = Instant::now();
+    let mut n = 0u64;
+    while Instant::now() < until {
+        signer.sign(alg, &msg).unwrap();
+        n += 1;
+    }
+    println!(
+        "{label:<34} {:>9.0} signatures/s (one thread)",
+        n as f64 / start.elapsed().as_secs_f64()
+    );
+}
+
+fn main() {
+    if std::env::args().any(|a| a == "--list") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let key = dir.path().join("seal.key");
+    SoftwareKeyStore::create_key_file(&key).unwrap();
+    let soft = KeyStore::Software(SoftwareKeyStore::from_key_file(&key).unwrap());
+    for (kt, alg) in [
+        (KeyType::EcP256, SignatureAlgorithm::EcdsaP256Sha256),
+        (KeyType::EcP384, SignatureAlgorithm::EcdsaP384Sha384),
+        (KeyType::Ed25519, SignatureAlgorithm::Ed25519),
+        (KeyType::Rsa2048, SignatureAlgorithm::RsaPkcs1Sha256),
+    ] {
+        let (s, _) = soft.generate(kt).unwrap();
+        rate(&format!("software {kt}"), &s, alg);
+    }
+    let Ok(module) = std::env::var("TRUSTLINE_TEST_SOFTHSM") else {
+        println!("pkcs11: skipped (set TRUSTLINE_TEST_SOFTHSM to the SoftHSM2 module)");
+        return;
+    };
+    let tokens = dir.path().join("tokens");
+    std::fs::create_dir_all(&tokens).unwrap();
+    let conf = dir.path().join("softhsm2.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "directories.tokendir = {}\nobjectstore.backend = file\n",
+            tokens.display()
+        ),
+    )
+    .unwrap();
+    let ok = std::process::Command::new("softhsm2-util")
+        .args([
+            "--init-token",
+            "--free",
+            "--label",
+            "bench",
+            "--so-pin",
+            "5678",
+            "--pin",
+            "1234",
+        ])
+        .env("SOFTHSM2_CONF", &conf)
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok, "softhsm2-util --init-token");
+    std::env::set_var("SOFTHSM2_CONF", &conf);
+    let p11 = Pkcs11KeyStore::open(&Pkcs11Config {
+        module: module.into(),
+        token_label: "bench".into(),
+        pin: "1234".into(),
+    })
+    .unwrap();
+    for (kt, alg) in [
+        (KeyType::EcP256, SignatureAlgorithm::EcdsaP256Sha256),
+        (KeyType::EcP384, SignatureAlgorithm::EcdsaP384Sha384),
+    ] {
+        let (s, _) = p11.generate(kt).unwrap();
+        rate(&format!("pkcs11 (SoftHSM2) {kt}"), &s, alg);
+    }
+}
