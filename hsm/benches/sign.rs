@@ -48,33 +48,7 @@ fn main() {
         println!("pkcs11: skipped (set TRUSTLINE_TEST_SOFTHSM to the SoftHSM2 module)");
         return;
     };
-    let tokens = dir.path().join("tokens");
-    std::fs::create_dir_all(&tokens).unwrap();
-    let conf = dir.path().join("softhsm2.conf");
-    std::fs::write(
-        &conf,
-        format!(
-            "directories.tokendir = {}\nobjectstore.backend = file\n",
-            tokens.display()
-        ),
-    )
-    .unwrap();
-    let ok = std::process::Command::new("softhsm2-util")
-        .args([
-            "--init-token",
-            "--free",
-            "--label",
-            "bench",
-            "--so-pin",
-            "5678",
-            "--pin",
-            "1234",
-        ])
-        .env("SOFTHSM2_CONF", &conf)
-        .status()
-        .unwrap()
-        .success();
-    assert!(ok, "softhsm2-util --init-token");
+    let conf = trustline_hsm::pkcs11::softhsm_token(dir.path(), "bench", "1234").unwrap();
     std::env::set_var("SOFTHSM2_CONF", &conf);
     let p11 = Pkcs11KeyStore::open(&Pkcs11Config {
         module: module.into(),

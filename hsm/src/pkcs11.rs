@@ -342,6 +342,48 @@ impl Signer for Pkcs11Signer {
     }
 }
 
+/// Test support: a throwaway SoftHSM2 token (used by this crate's tests, the CA's end-to-end test and the
+/// signature benchmark).
+#[doc(hidden)]
+pub fn softhsm_token(dir: &Path, label: &str, pin: &str) -> Result<PathBuf, HsmError> {
+    let io = |path: &Path| {
+        let path = path.to_owned();
+        move |source| HsmError::Io { path, source }
+    };
+    let tokens = dir.join("tokens");
+    std::fs::create_dir_all(&tokens).map_err(io(&tokens))?;
+    let conf = dir.join("softhsm2.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "directories.tokendir = {}\nobjectstore.backend = file\nlog.level = ERROR\n",
+            tokens.display()
+        ),
+    )
+    .map_err(io(&conf))?;
+    let out = std::process::Command::new("softhsm2-util")
+        .args([
+            "--init-token",
+            "--free",
+            "--label",
+            label,
+            "--so-pin",
+            "5678",
+            "--pin",
+            pin,
+        ])
+        .env("SOFTHSM2_CONF", &conf)
+        .output()
+        .map_err(io(Path::new("softhsm2-util")))?;
+    if !out.status.success() {
+        return Err(HsmError::Pkcs11(format!(
+            "softhsm2-util --init-token: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        )));
+    }
+    Ok(conf)
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
@@ -365,7 +407,7 @@ mod tests {
             return;
         };
         let dir = tempfile::tempdir().unwrap();
-        let conf = softhsm_token(dir.path(), "trustline-unit", "1234");
+        let conf = softhsm_token(dir.path(), "trustline-unit", "1234").unwrap();
         let cfg = Pkcs11Config {
             module: module.into(),
             token_label: "trustline-unit".into(),
@@ -405,37 +447,6 @@ mod tests {
         };
         let e = Pkcs11KeyStore::open(&wrong_pin).unwrap_err().to_string();
         assert!(e.contains("login") && !e.contains("9999"), "{e}");
-    }
-
-    /// Writes a SoftHSM2 config with its own token folder and initialises a token.
-    pub(crate) fn softhsm_token(dir: &Path, label: &str, pin: &str) -> PathBuf {
-        let tokens = dir.join("tokens");
-        std::fs::create_dir_all(&tokens).unwrap();
-        let conf = dir.join("softhsm2.conf");
-        std::fs::write(
-            &conf,
-            format!(
-                "directories.tokendir = {}\nobjectstore.backend = file\nlog.level = ERROR\n",
-                tokens.display()
-            ),
-        )
-        .unwrap();
-        let out = std::process::Command::new("softhsm2-util")
-            .args([
-                "--init-token",
-                "--free",
-                "--label",
-                label,
-                "--so-pin",
-                "5678",
-                "--pin",
-                pin,
-            ])
-            .env("SOFTHSM2_CONF", &conf)
-            .output()
-            .unwrap();
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-        conf
     }
 
     /// Sets an environment variable for the test's duration. Tests in this crate that use it run in one test

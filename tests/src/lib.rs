@@ -428,6 +428,38 @@ pub fn csr(uris: &[&str], dns: &[&str]) -> (rcgen::KeyPair, Vec<u8>) {
     (key, req.der().to_vec())
 }
 
+/// Mints an X.509-SVID for `spiffe_id` from a fresh key through the CA's CLI (`x509 mint`, `ttl` e.g. "1h") into
+/// `dir`; returns the key and the paths of `svid.pem`, `key.pem` and `bundle.pem`.
+pub fn mint_svid(
+    ca: &Ca,
+    dir: &Path,
+    spiffe_id: &str,
+    ttl: &str,
+) -> (rcgen::KeyPair, PathBuf, PathBuf, PathBuf) {
+    std::fs::create_dir_all(dir).unwrap();
+    let (key, req) = csr(&[spiffe_id], &[]);
+    std::fs::write(dir.join("req.der"), &req).unwrap();
+    ca.cli_ok(&[
+        "x509",
+        "mint",
+        "--csr",
+        dir.join("req.der").to_str().unwrap(),
+        "--spiffe-id",
+        spiffe_id,
+        "--ttl",
+        ttl,
+        "--write",
+        dir.to_str().unwrap(),
+    ]);
+    std::fs::write(dir.join("key.pem"), key.serialize_pem()).unwrap();
+    (
+        key,
+        dir.join("svid.pem"),
+        dir.join("key.pem"),
+        dir.join("bundle.pem"),
+    )
+}
+
 /// Connects to the CA's agent API over mutual TLS 1.3, verifying the CA's SVID against `roots`; presents
 /// `client` (chain, PKCS#8 key) if given.
 pub async fn agent_client(

@@ -15,32 +15,7 @@ fn the_ca_signs_with_keys_that_live_in_a_pkcs11_token() {
     };
     let tmp = tempfile::tempdir().unwrap();
     // A token of our own: SoftHSM2 reads its token folder from SOFTHSM2_CONF.
-    let tokens = tmp.path().join("tokens");
-    std::fs::create_dir_all(&tokens).unwrap();
-    let conf = tmp.path().join("softhsm2.conf");
-    std::fs::write(
-        &conf,
-        format!(
-            "directories.tokendir = {}\nobjectstore.backend = file\n",
-            tokens.display()
-        ),
-    )
-    .unwrap();
-    let init = std::process::Command::new("softhsm2-util")
-        .args([
-            "--init-token",
-            "--free",
-            "--label",
-            "trustline-ca",
-            "--so-pin",
-            "5678",
-            "--pin",
-            "1234",
-        ])
-        .env("SOFTHSM2_CONF", &conf)
-        .output()
-        .unwrap();
-    assert!(init.status.success(), "{}", String::from_utf8_lossy(&init.stderr));
+    let conf = trustline_hsm::pkcs11::softhsm_token(tmp.path(), "trustline-ca", "1234").unwrap();
     // This test file holds one test, so the variable is set for the CA processes it starts and nothing else.
     std::env::set_var("SOFTHSM2_CONF", &conf);
     let pin = tmp.path().join("pin");

@@ -10,8 +10,8 @@ use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair, KeyUsagePurpose,
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use trustline_identity::spiffe_id::{SpiffeId, TrustDomain};
 use trustline_identity::tls::{client_config, ExpectedPeer, RotatingCert, SpiffeServerVerifier, TrustBundle};
+use trustline_tests::eventually;
 use trustline_tests::mesh::{echo_app, Mesh, TD};
-use trustline_tests::{csr, eventually};
 
 /// A leaf with the given URI SANs, as an X.509-SVID would be (digitalSignature, not a CA).
 fn leaf_params(uris: &[&str]) -> CertificateParams {
@@ -96,38 +96,23 @@ async fn bad_peer_certificates_are_refused_at_the_handshake_with_their_reason() 
     let roots = mesh.ca.bundle_roots();
 
     // Control: a valid SVID of the trust domain gets an answer.
-    let (key, req) = csr(&[&format!("{TD}/client")], &[]);
     let dir = mesh.tmp.path().join("minted");
     let mint = |ttl: &str, out: &str| {
-        std::fs::write(dir.join("req.der"), &req).unwrap();
-        mesh.ca.cli_ok(&[
-            "x509",
-            "mint",
-            "--csr",
-            dir.join("req.der").to_str().unwrap(),
-            "--spiffe-id",
-            &format!("{TD}/client"),
-            "--ttl",
-            ttl,
-            "--write",
-            dir.join(out).to_str().unwrap(),
-        ]);
-        trustline_identity::bundle::certs_from_pem(
-            &std::fs::read_to_string(dir.join(out).join("svid.pem")).unwrap(),
-        )
-        .unwrap()
+        let (key, svid, _, _) =
+            trustline_tests::mint_svid(&mesh.ca, &dir.join(out), &format!("{TD}/client"), ttl);
+        let chain =
+            trustline_identity::bundle::certs_from_pem(&std::fs::read_to_string(svid).unwrap()).unwrap();
+        (chain, key.serialize_der())
     };
-    std::fs::create_dir_all(&dir).unwrap();
-    let good = mint("1h", "good");
     assert!(
-        attempt(addr, &roots, Some((good, key.serialize_der()))).await,
+        attempt(addr, &roots, Some(mint("1h", "good"))).await,
         "a valid SVID is admitted"
     );
 
     // Expired: a real SVID of this CA whose lifetime has run out.
     let short = mint("1s", "short");
     tokio::time::sleep(Duration::from_millis(2500)).await;
-    assert!(!attempt(addr, &roots, Some((short, key.serialize_der()))).await);
+    assert!(!attempt(addr, &roots, Some(short)).await);
 
     // Another trust domain's SVID.
     assert!(!attempt(addr, &roots, Some(foreign(&["spiffe://other.org/client"]))).await);

@@ -8,27 +8,14 @@ use std::io::{Read, Write};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
+use trustline_tests::free_port;
 use trustline_tests::mesh::{echo_app, request, Mesh, TD};
-use trustline_tests::{csr, free_port};
 
-/// Mints an SVID for `name` from a fresh key; returns (cert chain PEM path, key PEM path, bundle PEM path).
+/// Mints an SVID for `name`; returns (cert chain PEM path, key PEM path, bundle PEM path).
 fn svid_files(mesh: &Mesh, name: &str) -> (std::path::PathBuf, std::path::PathBuf, std::path::PathBuf) {
     let dir = mesh.tmp.path().join(format!("ossl-{name}"));
-    std::fs::create_dir_all(&dir).unwrap();
-    let (key, req) = csr(&[&format!("{TD}/{name}")], &[]);
-    std::fs::write(dir.join("req.der"), &req).unwrap();
-    mesh.ca.cli_ok(&[
-        "x509",
-        "mint",
-        "--csr",
-        dir.join("req.der").to_str().unwrap(),
-        "--spiffe-id",
-        &format!("{TD}/{name}"),
-        "--write",
-        dir.to_str().unwrap(),
-    ]);
-    std::fs::write(dir.join("key.pem"), key.serialize_pem()).unwrap();
-    (dir.join("svid.pem"), dir.join("key.pem"), dir.join("bundle.pem"))
+    let (_, svid, key, bundle) = trustline_tests::mint_svid(&mesh.ca, &dir, &format!("{TD}/{name}"), "1h");
+    (svid, key, bundle)
 }
 
 #[tokio::test(flavor = "multi_thread")]
