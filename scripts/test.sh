@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Runs every Trustline test. Installs what the tests need (Debian packages: postgresql, openssl, chromium, softhsm2) when
+# Runs every Trustline test. Installs what the tests need (Debian packages: postgresql, openssl, chromium, softhsm2,
+# swtpm, libtss2-dev) when
 # missing, starts a throwaway PostgreSQL on loopback for the store tests, and prints cargo's own summary lines.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -15,6 +16,10 @@ command -v openssl >/dev/null || need_apt+=(openssl)
 [ -x /usr/bin/chromium ] || need_apt+=(chromium)
 # SoftHSM2 is the PKCS#11 token of the CA key-custody tests.
 [ -f /usr/lib/softhsm/libsofthsm2.so ] || need_apt+=(softhsm2)
+# swtpm is the TPM 2.0 of the TPM tests; libtss2-dev (found through pkg-config) builds the `tpm` feature.
+command -v swtpm >/dev/null || need_apt+=(swtpm swtpm-tools)
+command -v pkg-config >/dev/null || need_apt+=(pkg-config)
+pkg-config --exists tss2-esys 2>/dev/null || need_apt+=(libtss2-dev)
 if [ ${#need_apt[@]} -gt 0 ]; then
   echo "== installing: ${need_apt[*]}"
   if [ "$(id -u)" -eq 0 ]; then SUDO=""; else SUDO="sudo"; fi
@@ -59,9 +64,12 @@ fi
 export TRUSTLINE_TEST_PYTHON="$PWD/$PY_VENV/bin/python"
 export TRUSTLINE_TEST_CHROMIUM=/usr/bin/chromium
 export TRUSTLINE_TEST_SOFTHSM=/usr/lib/softhsm/libsofthsm2.so
+export TRUSTLINE_TEST_SWTPM=1
+# The TPM 2.0 key backend is a cargo feature (it links libtss2); the tests build with it.
+FEATURES=(--features trustline-hsm/tpm)
 
 # End-to-end tests run the real binaries: build them first.
-echo "== cargo build --workspace --bins"
-cargo build --workspace --bins --locked 2>&1
-echo "== cargo test --workspace"
-cargo test --workspace --locked 2>&1
+echo "== cargo build --workspace --bins ${FEATURES[*]}"
+cargo build --workspace --bins --locked "${FEATURES[@]}" 2>&1
+echo "== cargo test --workspace ${FEATURES[*]}"
+cargo test --workspace --locked "${FEATURES[@]}" 2>&1

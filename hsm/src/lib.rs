@@ -13,6 +13,8 @@
 
 pub mod pkcs11;
 mod software;
+#[cfg(feature = "tpm")]
+pub mod tpm;
 
 use std::fmt;
 use std::path::PathBuf;
@@ -21,6 +23,8 @@ use std::sync::Arc;
 
 pub use pkcs11::{Pkcs11Config, Pkcs11KeyStore};
 pub use software::{load_private_key_pem, SoftwareKeyStore};
+#[cfg(feature = "tpm")]
+pub use tpm::{TpmConfig, TpmKeyStore};
 
 /// Key-related failures. Messages name the field or file at fault, never a secret.
 #[derive(Debug, thiserror::Error)]
@@ -82,6 +86,9 @@ pub enum HsmError {
     /// A PKCS#11 module, token or key failed (the message names which; never the PIN).
     #[error("PKCS#11: {0}")]
     Pkcs11(String),
+    /// A TPM failed or could not be reached (the message names the TPM and the command).
+    #[error("TPM: {0}")]
+    Tpm(String),
 }
 
 /// Key types Trustline can hold.
@@ -326,6 +333,9 @@ pub enum KeyStore {
     Software(SoftwareKeyStore),
     /// Keys inside a PKCS#11 token.
     Pkcs11(Pkcs11KeyStore),
+    /// Keys inside a TPM 2.0.
+    #[cfg(feature = "tpm")]
+    Tpm(TpmKeyStore),
 }
 
 impl KeyStore {
@@ -334,6 +344,8 @@ impl KeyStore {
         match self {
             Self::Software(s) => s.generate(key_type),
             Self::Pkcs11(p) => p.generate(key_type),
+            #[cfg(feature = "tpm")]
+            Self::Tpm(t) => t.generate(key_type),
         }
     }
 
@@ -342,6 +354,8 @@ impl KeyStore {
         match (self, key_ref.scheme()) {
             (Self::Software(s), "soft") => s.load(key_ref),
             (Self::Pkcs11(p), "pkcs11") => p.load(key_ref),
+            #[cfg(feature = "tpm")]
+            (Self::Tpm(t), "tpm") => t.load(key_ref),
             (_, other) => Err(HsmError::BadKeyRef(other.to_owned())),
         }
     }
@@ -351,6 +365,8 @@ impl KeyStore {
         match self {
             Self::Software(_) => "software",
             Self::Pkcs11(_) => "pkcs11",
+            #[cfg(feature = "tpm")]
+            Self::Tpm(_) => "tpm",
         }
     }
 }
