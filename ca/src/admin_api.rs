@@ -289,6 +289,7 @@ impl Admin for AdminApi {
         Ok(Response::new(pb::CaStatus {
             keys: self.ca.authority.keys().iter().map(key_to_pb).collect(),
             message,
+            backend: self.ca.authority.backend_name().into(),
         }))
     }
 
@@ -299,6 +300,7 @@ impl Admin for AdminApi {
         Ok(Response::new(pb::CaStatus {
             keys: self.ca.authority.keys().iter().map(key_to_pb).collect(),
             message: String::new(),
+            backend: self.ca.authority.backend_name().into(),
         }))
     }
 

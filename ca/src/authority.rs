@@ -252,6 +252,11 @@ impl Authority {
         self.bundle_tx.subscribe()
     }
 
+    /// Where the CA's keys live (`software`, `pkcs11`, `tpm`).
+    pub fn backend_name(&self) -> &'static str {
+        self.keys.backend_name()
+    }
+
     /// All key records, oldest first.
     pub fn keys(&self) -> Vec<CaKeyRecord> {
         self.state().keys.clone()

@@ -658,12 +658,16 @@ fn print_status(st: &pb::CaStatus, output: Output) {
                        "retired_at": k.retired_at, "public_key_sha256": k.public_key_sha256})
             })
             .collect();
-        println!("{}", json!({"keys": keys, "message": st.message}));
+        println!(
+            "{}",
+            json!({"keys": keys, "message": st.message, "backend": st.backend})
+        );
         return;
     }
     if !st.message.is_empty() {
         println!("{}", st.message);
     }
+    println!("key backend: {}", st.backend);
     for k in &st.keys {
         println!(
             "{:4}  {:8}  {}  {:8}  valid {} .. {}",

@@ -128,9 +128,13 @@ impl Default for StoreSection {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct KeysConfig {
-    /// Key backend: `software` (keys encrypted at rest in the store) or `pkcs11` (keys inside a token).
+    /// Key backend: `software` (keys encrypted at rest in the store), `pkcs11` (keys inside a token) or `tpm`
+    /// (keys inside a TPM 2.0; builds with the `trustline-hsm/tpm` feature).
     #[serde(default = "default_backend")]
     pub backend: String,
+    /// `[keys.tpm]`: the TPM, for `backend = "tpm"`.
+    #[serde(default)]
+    pub tpm: Option<TpmSection>,
     /// `[keys.pkcs11]`: the token, for `backend = "pkcs11"`.
     #[serde(default)]
     pub pkcs11: Option<Pkcs11Section>,
@@ -161,8 +165,18 @@ impl Default for KeysConfig {
             passphrase_file: None,
             key_file: None,
             pkcs11: None,
+            tpm: None,
         }
     }
+}
+
+/// `[keys.tpm]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TpmSection {
+    /// The TCTI naming the TPM: `device:/dev/tpmrm0` (the kernel's resource manager), `tabrmd:`, or
+    /// `swtpm:host=127.0.0.1,port=2321`.
+    pub tcti: String,
 }
 
 /// `[keys.pkcs11]`
@@ -329,6 +343,22 @@ impl Config {
             value: value.to_owned(),
             reason,
         };
+        // Device backends hold EC keys only.
+        let ec_only = |keys: &KeysConfig, device: &str| -> Result<(), ConfigError> {
+            for (field, v) in [
+                ("keys.x509_key_type", &keys.x509_key_type),
+                ("keys.jwt_key_type", &keys.jwt_key_type),
+            ] {
+                if v != "ec-p256" && v != "ec-p384" {
+                    return Err(invalid(
+                        field,
+                        v,
+                        format!("{device} keys here are ec-p256 or ec-p384"),
+                    ));
+                }
+            }
+            Ok(())
+        };
         let trust_domain = parse_trust_domain("trust_domain", &raw.trust_domain)
             .map_err(|e| invalid("trust_domain", &raw.trust_domain, e.reason))?;
         match raw.keys.backend.as_str() {
@@ -355,24 +385,35 @@ impl Config {
                         "set exactly one of pin_file or pin_env (the PIN is never taken from the command line)".into(),
                     ));
                 }
-                for (field, v) in [
-                    ("keys.x509_key_type", &raw.keys.x509_key_type),
-                    ("keys.jwt_key_type", &raw.keys.jwt_key_type),
-                ] {
-                    if v != "ec-p256" && v != "ec-p384" {
-                        return Err(invalid(
-                            field,
-                            v,
-                            "PKCS#11 keys here are ec-p256 or ec-p384".into(),
-                        ));
-                    }
+                ec_only(&raw.keys, "PKCS#11")?;
+            }
+            "tpm" => {
+                let Some(t) = &raw.keys.tpm else {
+                    return Err(invalid(
+                        "keys.tpm",
+                        "",
+                        "backend = \"tpm\" needs a [keys.tpm] table with tcti (e.g. \"device:/dev/tpmrm0\")"
+                            .into(),
+                    ));
+                };
+                if t.tcti.trim().is_empty() {
+                    return Err(invalid("keys.tpm.tcti", &t.tcti, "must not be empty".into()));
                 }
+                if !trustline_hsm::TPM_SUPPORTED {
+                    return Err(invalid(
+                        "keys.backend",
+                        "tpm",
+                        "this build has no TPM support: rebuild with --features trustline-hsm/tpm (needs libtss2-dev)"
+                            .into(),
+                    ));
+                }
+                ec_only(&raw.keys, "TPM")?;
             }
             other => {
                 return Err(invalid(
                     "keys.backend",
                     other,
-                    "unsupported backend (this build supports: software, pkcs11)".into(),
+                    "unsupported backend (known: software, pkcs11, tpm)".into(),
                 ))
             }
         }
@@ -523,6 +564,33 @@ mod tests {
         assert!(err.to_string().contains("keys.x509_key_type"), "{err}");
         let err = parse("trust_domain = \"example.org\"\n[svid]\nx509_ttl = \"48h\"\n").unwrap_err();
         assert!(err.to_string().contains("must not exceed ca.ttl"), "{err}");
+    }
+
+    #[test]
+    fn device_backends_are_validated_by_field() {
+        let err = parse("trust_domain = \"example.org\"\n[keys]\nbackend = \"tpm\"\n").unwrap_err();
+        assert!(err.to_string().contains("keys.tpm"), "{err}");
+        let err =
+            parse("trust_domain = \"example.org\"\n[keys]\nbackend = \"tpm\"\n[keys.tpm]\ntcti = \"\"\n")
+                .unwrap_err();
+        assert!(err.to_string().contains("keys.tpm.tcti"), "{err}");
+        let tpm = "trust_domain = \"example.org\"\n[keys]\nbackend = \"tpm\"\nx509_key_type = \"rsa-2048\"\n[keys.tpm]\ntcti = \"device:/dev/tpmrm0\"\n";
+        let err = parse(tpm).unwrap_err().to_string();
+        if trustline_hsm::TPM_SUPPORTED {
+            assert!(err.contains("keys.x509_key_type") && err.contains("TPM"), "{err}");
+        } else {
+            assert!(
+                err.contains("keys.backend") && err.contains("--features trustline-hsm/tpm"),
+                "{err}"
+            );
+        }
+        let err = parse("trust_domain = \"example.org\"\n[keys]\nbackend = \"pkcs11\"\n").unwrap_err();
+        assert!(err.to_string().contains("keys.pkcs11"), "{err}");
+        let err = parse("trust_domain = \"example.org\"\n[keys]\nbackend = \"yubikey\"\n").unwrap_err();
+        assert!(
+            err.to_string().contains("keys.backend") && err.to_string().contains("yubikey"),
+            "{err}"
+        );
     }
 
     #[test]

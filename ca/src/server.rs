@@ -94,6 +94,10 @@ pub fn open_keystore(cfg: &Validated) -> Result<KeyStore, ServerError> {
         .map_err(|e| ServerError::Keys(format!("keys.pkcs11: {e}")))?;
         return Ok(KeyStore::Pkcs11(store));
     }
+    if let (true, Some(t)) = (k.backend == "tpm", &k.tpm) {
+        return KeyStore::open_tpm(&trustline_hsm::TpmConfig { tcti: t.tcti.clone() })
+            .map_err(|e| ServerError::Keys(format!("keys.tpm: {e}")));
+    }
     let soft = if let Some(path) = &k.key_file {
         SoftwareKeyStore::from_key_file(path).map_err(|e| ServerError::Keys(e.to_string()))?
     } else if let Some(path) = &k.passphrase_file {

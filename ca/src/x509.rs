@@ -56,6 +56,9 @@ pub struct HsmKey {
     signer: Arc<dyn Signer>,
     alg: SignatureAlgorithm,
     rcgen_alg: &'static rcgen::SignatureAlgorithm,
+    /// rcgen's signing interface carries no error detail, so the key's own failure (a TPM gone, a token
+    /// removed) is kept here for [`HsmKey::explain`].
+    last_error: Arc<std::sync::Mutex<Option<String>>>,
 }
 
 impl HsmKey {
@@ -72,7 +75,18 @@ impl HsmKey {
             signer,
             alg,
             rcgen_alg,
+            last_error: Arc::default(),
         }
+    }
+
+    /// Turns an rcgen failure into an error that says why the key could not sign, when that was the cause.
+    pub fn explain(&self, e: rcgen::Error) -> X509Error {
+        if matches!(e, rcgen::Error::RemoteKeyError) {
+            if let Some(why) = self.last_error.lock().unwrap_or_else(|p| p.into_inner()).take() {
+                return X509Error::Generate(format!("signing with the CA key: {why}"));
+            }
+        }
+        gen_err(e)
     }
 }
 
@@ -88,9 +102,10 @@ impl PublicKeyData for HsmKey {
 
 impl SigningKey for HsmKey {
     fn sign(&self, msg: &[u8]) -> Result<Vec<u8>, rcgen::Error> {
-        self.signer
-            .sign(self.alg, msg)
-            .map_err(|_| rcgen::Error::RemoteKeyError)
+        self.signer.sign(self.alg, msg).map_err(|e| {
+            *self.last_error.lock().unwrap_or_else(|p| p.into_inner()) = Some(e.to_string());
+            rcgen::Error::RemoteKeyError
+        })
     }
 }
 
@@ -158,7 +173,7 @@ fn ca_params(spec: &CaCertSpec<'_>) -> Result<(CertificateParams, String), X509E
 pub fn self_signed_ca(key: &HsmKey, spec: &CaCertSpec<'_>) -> Result<(Vec<u8>, String), X509Error> {
     let (mut params, hex) = ca_params(spec)?;
     params.use_authority_key_identifier_extension = false;
-    let cert = params.self_signed(key).map_err(gen_err)?;
+    let cert = params.self_signed(key).map_err(|e| key.explain(e))?;
     Ok((cert.der().to_vec(), hex))
 }
 
@@ -169,7 +184,7 @@ pub fn intermediate_ca(
     upstream: &Issuer<'static, HsmKey>,
 ) -> Result<(Vec<u8>, String), X509Error> {
     let (params, hex) = ca_params(spec)?;
-    let cert = params.signed_by(key, upstream).map_err(gen_err)?;
+    let cert = params.signed_by(key, upstream).map_err(|e| key.explain(e))?;
     Ok((cert.der().to_vec(), hex))
 }
 
@@ -185,18 +200,20 @@ pub struct SigningCa {
     /// End of the CA certificate's validity (unix seconds).
     pub not_after: i64,
     issuer: Issuer<'static, HsmKey>,
+    key: HsmKey,
 }
 
 impl SigningCa {
     /// Loads an issuer from a CA certificate and its key.
     pub fn new(cert_der: Vec<u8>, key: HsmKey, is_root: bool, not_after: i64) -> Result<Self, X509Error> {
-        let issuer = Issuer::from_ca_cert_der(&cert_der.as_slice().into(), key).map_err(gen_err)?;
+        let issuer = Issuer::from_ca_cert_der(&cert_der.as_slice().into(), key.clone()).map_err(gen_err)?;
         Ok(Self {
             cert_der,
             chain_above: Vec::new(),
             is_root,
             not_after,
             issuer,
+            key,
         })
     }
 
@@ -326,7 +343,7 @@ pub fn sign_svid(
     params.use_authority_key_identifier_extension = true;
     let cert = params
         .signed_by(&csr.csr.public_key, &ca.issuer)
-        .map_err(gen_err)?;
+        .map_err(|e| ca.key.explain(e))?;
     let mut chain = Vec::with_capacity(2 + ca.chain_above.len());
     chain.push(cert.der().to_vec());
     if !ca.is_root {

@@ -13,6 +13,8 @@
 
 pub mod pkcs11;
 mod software;
+#[doc(hidden)]
+pub mod swtpm;
 #[cfg(feature = "tpm")]
 pub mod tpm;
 
@@ -24,7 +26,17 @@ use std::sync::Arc;
 pub use pkcs11::{Pkcs11Config, Pkcs11KeyStore};
 pub use software::{load_private_key_pem, SoftwareKeyStore};
 #[cfg(feature = "tpm")]
-pub use tpm::{TpmConfig, TpmKeyStore};
+pub use tpm::TpmKeyStore;
+
+/// Whether this build has the TPM 2.0 backend (cargo feature `tpm`, which needs libtss2 at build time).
+pub const TPM_SUPPORTED: bool = cfg!(feature = "tpm");
+
+/// Where a TPM 2.0 is.
+#[derive(Debug, Clone)]
+pub struct TpmConfig {
+    /// The TCTI: `device:/dev/tpmrm0`, `swtpm:host=127.0.0.1,port=2321`, `tabrmd:` …
+    pub tcti: String,
+}
 
 /// Key-related failures. Messages name the field or file at fault, never a secret.
 #[derive(Debug, thiserror::Error)]
@@ -357,6 +369,21 @@ impl KeyStore {
             #[cfg(feature = "tpm")]
             (Self::Tpm(t), "tpm") => t.load(key_ref),
             (_, other) => Err(HsmError::BadKeyRef(other.to_owned())),
+        }
+    }
+
+    /// Connects to a TPM 2.0; fails with [`HsmError::UnsupportedBackend`] in builds without the `tpm` feature.
+    pub fn open_tpm(cfg: &TpmConfig) -> Result<Self, HsmError> {
+        #[cfg(feature = "tpm")]
+        {
+            TpmKeyStore::open(cfg).map(Self::Tpm)
+        }
+        #[cfg(not(feature = "tpm"))]
+        {
+            let _ = cfg;
+            Err(HsmError::UnsupportedBackend(
+                "tpm (rebuild with --features trustline-hsm/tpm; it needs libtss2-dev)".into(),
+            ))
         }
     }
 

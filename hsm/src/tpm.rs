@@ -37,20 +37,13 @@ use tss_esapi::tss2_esys::TPMT_TK_HASHCHECK;
 use tss_esapi::Context;
 
 use crate::pkcs11::{fixed_to_der, P256_SPKI, P384_SPKI};
-use crate::{HsmError, KeyRef, KeyType, SignatureAlgorithm, Signer};
+use crate::{HsmError, KeyRef, KeyType, SignatureAlgorithm, Signer, TpmConfig};
 
 /// At most this many keys stay loaded besides the SRK.
 const MAX_LOADED: usize = 2;
 
 fn tpm_err(tcti: &str, what: &str, e: impl fmt::Display) -> HsmError {
     HsmError::Tpm(format!("{what} on TPM {tcti}: {e}"))
-}
-
-/// Where the TPM is.
-#[derive(Debug, Clone)]
-pub struct TpmConfig {
-    /// The TCTI: `device:/dev/tpmrm0`, `swtpm:host=127.0.0.1,port=2321`, `tabrmd:` …
-    pub tcti: String,
 }
 
 /// A TPM and the keys created in it.
@@ -472,120 +465,6 @@ impl Signer for TpmSigner {
     }
 }
 
-/// Test support: a throwaway swtpm on free loopback ports with its state in `dir`, killed on drop. Used by this
-/// crate's tests, the CA and agent end-to-end tests and the signature benchmark.
-#[doc(hidden)]
-pub struct Swtpm {
-    child: std::process::Child,
-    dir: std::path::PathBuf,
-    /// The server port (the control port is the next one).
-    pub port: u16,
-}
-
-impl Swtpm {
-    /// Starts swtpm (`swtpm socket --tpm2 … --flags startup-clear`) with its state in `dir`; waits until it
-    /// answers.
-    pub fn start(dir: &std::path::Path) -> Result<Self, HsmError> {
-        std::fs::create_dir_all(dir).map_err(|source| HsmError::Io {
-            path: dir.to_owned(),
-            source,
-        })?;
-        for _ in 0..20 {
-            let port = free_port_pair()?;
-            if let Some(child) = spawn_swtpm(dir, port, 100)? {
-                return Ok(Self {
-                    child,
-                    dir: dir.to_owned(),
-                    port,
-                });
-            }
-        }
-        Err(HsmError::Tpm("swtpm did not start".into()))
-    }
-
-    /// The TCTI string for this swtpm.
-    pub fn tcti(&self) -> String {
-        format!("swtpm:host=127.0.0.1,port={}", self.port)
-    }
-
-    /// Kills swtpm (the TPM "disappears"); its state stays in the directory.
-    pub fn kill(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-
-    /// Starts swtpm again on the same ports and state (the TPM "returns").
-    pub fn restart(&mut self) -> Result<(), HsmError> {
-        self.kill();
-        for _ in 0..100 {
-            if let Some(child) = spawn_swtpm(&self.dir, self.port, 40)? {
-                self.child = child;
-                return Ok(());
-            }
-        }
-        Err(HsmError::Tpm(format!(
-            "swtpm did not restart on port {}",
-            self.port
-        )))
-    }
-}
-
-/// Spawns swtpm on `port` (and `port + 1` for control) and waits up to `tries` × 50 ms for it to answer; `None`
-/// when it exited (a port taken or still in TIME_WAIT) or never answered.
-fn spawn_swtpm(
-    dir: &std::path::Path,
-    port: u16,
-    tries: u32,
-) -> Result<Option<std::process::Child>, HsmError> {
-    let mut child = std::process::Command::new("swtpm")
-        .args(["socket", "--tpm2", "--flags", "startup-clear"])
-        .arg("--server")
-        .arg(format!("type=tcp,port={port},bindaddr=127.0.0.1"))
-        .arg("--ctrl")
-        .arg(format!("type=tcp,port={},bindaddr=127.0.0.1", port + 1))
-        .arg("--tpmstate")
-        .arg(format!("dir={}", dir.display()))
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .map_err(|source| HsmError::Io {
-            path: "swtpm".into(),
-            source,
-        })?;
-    for _ in 0..tries {
-        if let Ok(Some(_)) = child.try_wait() {
-            return Ok(None);
-        }
-        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
-            return Ok(Some(child));
-        }
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    }
-    let _ = child.kill();
-    let _ = child.wait();
-    Ok(None)
-}
-
-impl Drop for Swtpm {
-    fn drop(&mut self) {
-        self.kill();
-    }
-}
-
-fn free_port_pair() -> Result<u16, HsmError> {
-    for _ in 0..50 {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").map_err(|source| HsmError::Io {
-            path: "127.0.0.1:0".into(),
-            source,
-        })?;
-        let port = l.local_addr().map(|a| a.port()).unwrap_or(0);
-        if port != 0 && port < u16::MAX && std::net::TcpListener::bind(("127.0.0.1", port + 1)).is_ok() {
-            return Ok(port);
-        }
-    }
-    Err(HsmError::Tpm("no free pair of loopback ports for swtpm".into()))
-}
-
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
@@ -599,7 +478,7 @@ mod tests {
             return;
         }
         let dir = tempfile::tempdir().unwrap();
-        let mut tpm = Swtpm::start(&dir.path().join("state")).unwrap();
+        let mut tpm = crate::swtpm::Swtpm::start(&dir.path().join("state")).unwrap();
         let store = TpmKeyStore::open(&TpmConfig { tcti: tpm.tcti() }).unwrap();
         let mut refs = Vec::new();
         for (kt, alg) in [
@@ -648,7 +527,7 @@ mod tests {
 
         // A blob from another TPM (different owner seed) cannot be loaded here.
         let other_dir = tempfile::tempdir().unwrap();
-        let other = Swtpm::start(&other_dir.path().join("state")).unwrap();
+        let other = crate::swtpm::Swtpm::start(&other_dir.path().join("state")).unwrap();
         let other_store = TpmKeyStore::open(&TpmConfig { tcti: other.tcti() }).unwrap();
         let e = other_store
             .load(&refs[0].2)

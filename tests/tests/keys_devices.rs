@@ -1,0 +1,174 @@
+//! The CA with its keys in a device: a PKCS#11 token (SoftHSM2, initialised here) and a TPM 2.0 (swtpm, started
+//! here). X.509-SVIDs and JWT-SVIDs signed inside the device verify against the bundle, across CA key rotations;
+//! a TPM that disappears gives clear errors and changes nothing, and service resumes when it returns.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::path::Path;
+
+use trustline_tests::{csr, now, verify_svid, Ca};
+
+/// Mints an X.509-SVID for `spiffe://example.org/<name>` through the CA's admin CLI and returns its chain.
+fn mint(ca: &Ca, tmp: &Path, name: &str) -> Result<Vec<Vec<u8>>, String> {
+    let (_key, req) = csr(&[&format!("spiffe://example.org/{name}")], &[]);
+    let csr_path = tmp.join(format!("{name}.der"));
+    std::fs::write(&csr_path, &req).unwrap();
+    let out = tmp.join(name);
+    let o = ca.cli(&[
+        "x509",
+        "mint",
+        "--csr",
+        csr_path.to_str().unwrap(),
+        "--spiffe-id",
+        &format!("spiffe://example.org/{name}"),
+        "--write",
+        out.to_str().unwrap(),
+    ]);
+    if !o.status.success() {
+        return Err(String::from_utf8_lossy(&o.stderr).into_owned());
+    }
+    Ok(
+        trustline_identity::bundle::certs_from_pem(&std::fs::read_to_string(out.join("svid.pem")).unwrap())
+            .unwrap(),
+    )
+}
+
+/// What every backend must do: X.509 and JWT signing, and a rotation that works as with software keys.
+fn exercise(ca: &Ca, tmp: &Path) {
+    let chain = mint(ca, tmp, "web").unwrap();
+    assert_eq!(
+        verify_svid(&chain, &ca.bundle_roots(), now()).unwrap(),
+        "spiffe://example.org/web"
+    );
+    let token = ca.cli_ok(&[
+        "jwt",
+        "mint",
+        "--spiffe-id",
+        "spiffe://example.org/web",
+        "--audience",
+        "pay",
+    ]);
+    let jwks = trustline_identity::bundle::JwkSet::parse(
+        ca.cli_ok(&["bundle", "show", "--format", "jwks"]).as_bytes(),
+    )
+    .unwrap();
+    let v = trustline_identity::jwt::validate(token.trim(), "pay", &jwks).unwrap();
+    assert_eq!(v.spiffe_id.to_string(), "spiffe://example.org/web");
+    // Rotation: prepare, activate, sign with the new key.
+    ca.cli_ok(&["ca", "rotate"]);
+    ca.cli_ok(&["ca", "rotate"]);
+    let chain = mint(ca, tmp, "api").unwrap();
+    assert_eq!(
+        verify_svid(&chain, &ca.bundle_roots(), now()).unwrap(),
+        "spiffe://example.org/api"
+    );
+}
+
+#[test]
+fn the_ca_signs_with_keys_that_live_in_a_pkcs11_token() {
+    let Ok(module) = std::env::var("TRUSTLINE_TEST_SOFTHSM") else {
+        println!(
+            "skipped: TRUSTLINE_TEST_SOFTHSM is not set (scripts/test.sh installs softhsm2 and sets it)"
+        );
+        return;
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    // A token of our own: SoftHSM2 reads its token folder from SOFTHSM2_CONF.
+    let conf = trustline_hsm::pkcs11::softhsm_token(tmp.path(), "trustline-ca", "1234").unwrap();
+    // This test file holds one test, so the variable is set for the CA processes it starts and nothing else.
+    std::env::set_var("SOFTHSM2_CONF", &conf);
+    let pin = tmp.path().join("pin");
+    std::fs::write(&pin, "1234\n").unwrap();
+
+    let dir = tmp.path().join("ca");
+    let cfg = format!(
+        "trust_domain = \"example.org\"\ndata_dir = \"{d}\"\n\n[server]\nagent_listen = \"127.0.0.1:0\"\n\n[keys]\nbackend = \"pkcs11\"\n\n[keys.pkcs11]\nmodule = \"{module}\"\ntoken_label = \"trustline-ca\"\npin_file = \"{pin}\"\n",
+        d = dir.display(),
+        pin = pin.display()
+    );
+    let ca = Ca::start_with(&dir, &cfg);
+    exercise(&ca, tmp.path());
+
+    // The token now holds the CA's keys; the PIN never appears in the CA's logs.
+    let logs = ca.logs.lock().unwrap().join("\n");
+    assert!(!logs.contains("1234"), "PIN in logs");
+    let listing = std::process::Command::new("softhsm2-util")
+        .arg("--show-slots")
+        .env("SOFTHSM2_CONF", &conf)
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&listing.stdout).contains("trustline-ca"));
+    drop(ca);
+
+    // A wrong PIN is a clear, one-line startup error naming the field, without the PIN.
+    std::fs::write(&pin, "9999\n").unwrap();
+    let cfg_path = dir.join("ca.toml");
+    let out = std::process::Command::new(trustline_tests::bin("trustline-ca"))
+        .args(["run", "--config"])
+        .arg(&cfg_path)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("keys.pkcs11") && err.contains("login") && !err.contains("9999"),
+        "{err}"
+    );
+}
+
+#[test]
+fn the_ca_signs_with_keys_that_live_in_a_tpm() {
+    if std::env::var_os("TRUSTLINE_TEST_SWTPM").is_none() {
+        println!("skipped: TRUSTLINE_TEST_SWTPM is not set (scripts/test.sh installs swtpm and sets it)");
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let mut tpm = trustline_hsm::swtpm::Swtpm::start(&tmp.path().join("tpm")).unwrap();
+    let dir = tmp.path().join("ca");
+    let cfg = format!(
+        "trust_domain = \"example.org\"\ndata_dir = \"{d}\"\n\n[server]\nagent_listen = \"127.0.0.1:0\"\n\n[keys]\nbackend = \"tpm\"\n\n[keys.tpm]\ntcti = \"{tcti}\"\n",
+        d = dir.display(),
+        tcti = tpm.tcti(),
+    );
+    let ca = Ca::start_with(&dir, &cfg);
+    exercise(&ca, tmp.path());
+    // The CA's keys are TPM-wrapped blobs; nothing in the data folder is a private key.
+    let status = ca.cli_ok(&["ca", "status"]);
+    assert!(status.contains("tpm"), "{status}");
+
+    // The TPM disappears: signing fails with an error naming the TPM, a rotation changes nothing.
+    tpm.kill();
+    let e = mint(&ca, tmp.path(), "down").unwrap_err();
+    assert!(e.contains("TPM") && e.contains(&tpm.tcti()), "{e}");
+    let before = ca.cli_ok(&["ca", "status"]);
+    let e = ca.cli_err(&["ca", "rotate"]);
+    assert!(e.contains("TPM"), "{e}");
+    assert_eq!(
+        ca.cli_ok(&["ca", "status"]),
+        before,
+        "a failed rotation must leave no trace"
+    );
+
+    // It returns: the CA reconnects on its own, reloads its keys and signs again; rotation works again.
+    tpm.restart().unwrap();
+    let chain = mint(&ca, tmp.path(), "back").unwrap();
+    assert_eq!(
+        verify_svid(&chain, &ca.bundle_roots(), now()).unwrap(),
+        "spiffe://example.org/back"
+    );
+    ca.cli_ok(&["ca", "rotate"]);
+    drop(ca);
+    drop(tpm);
+
+    // A TCTI that names no TPM is a one-line startup error naming the field.
+    let bad = cfg.replace("swtpm:host=127.0.0.1", "swtpm:host=127.0.0.2");
+    std::fs::write(dir.join("ca.toml"), bad).unwrap();
+    let out = std::process::Command::new(trustline_tests::bin("trustline-ca"))
+        .args(["run", "--config"])
+        .arg(dir.join("ca.toml"))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(err.contains("keys.tpm") && err.contains("connecting"), "{err}");
+}
