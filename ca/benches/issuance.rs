@@ -56,7 +56,9 @@ async fn run(n: usize) {
         agent_ttl: Duration::from_secs(3600),
         join_token_ttl: Duration::from_secs(600),
     };
-    let ca = Ca::new(store, authority, defaults, Metrics::new()).await.unwrap();
+    let ca = Ca::new(store, authority, defaults, Metrics::new(), None)
+        .await
+        .unwrap();
     let id = SpiffeId::new("spiffe://example.org/bench/web").unwrap();
 
     // 64 distinct workload keys and CSRs, reused round-robin (key generation is the workload's cost, not ours).

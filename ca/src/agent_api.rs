@@ -2,7 +2,7 @@
 //!
 //! The TLS layer verifies any client certificate against the bundle (SPIFFE rules, our trust domain) and admits
 //! clients without one, because a node attesting for the first time has no SVID yet. Each call then checks what
-//! it needs: `AttestAgent` needs a join token; every other call needs the verified agent SVID of an attested node,
+//! it needs: `AttestAgent` needs a join token or a TPM DevID proof (after `AttestChallenge`); every other call needs the verified agent SVID of an attested node,
 //! and acts only for that node.
 
 use std::collections::HashMap;
@@ -231,15 +231,32 @@ impl Agent for AgentApi {
         req: Request<pb::AttestAgentRequest>,
     ) -> Result<Response<pb::AttestAgentResponse>, Status> {
         let r = req.into_inner();
-        let (id, svid) = self
-            .ca
-            .attest_join_token(&r.join_token, &r.csr)
-            .await
-            .map_err(|e| self.fail(e))?;
+        let attested = match (&r.devid, r.join_token.is_empty()) {
+            (Some(p), true) => {
+                self.ca
+                    .attest_devid(&p.cert_chain, &p.nonce, &p.signature, &r.csr)
+                    .await
+            }
+            (Some(_), false) => Err(CaError::Invalid {
+                field: "join_token",
+                value: String::new(),
+                reason: "send a join token or a DevID proof, not both".into(),
+            }),
+            (None, _) => self.ca.attest_join_token(&r.join_token, &r.csr).await,
+        };
+        let (id, svid) = attested.map_err(|e| self.fail(e))?;
         Ok(Response::new(pb::AttestAgentResponse {
             svid: Some(svid_to_pb(&id.to_string(), &svid)),
             bundle: Some(self.bundle()),
         }))
+    }
+
+    async fn attest_challenge(
+        &self,
+        _req: Request<pb::AttestChallengeRequest>,
+    ) -> Result<Response<pb::AttestChallengeResponse>, Status> {
+        let (nonce, expires_at) = self.ca.devid_challenge().map_err(|e| self.fail(e))?;
+        Ok(Response::new(pb::AttestChallengeResponse { nonce, expires_at }))
     }
 
     async fn renew_agent(

@@ -67,6 +67,26 @@ pub struct Config {
     /// SVID defaults.
     #[serde(default)]
     pub svid: SvidConfig,
+    /// How nodes may attest besides join tokens.
+    #[serde(default)]
+    pub node_attestation: NodeAttestationConfig,
+}
+
+/// `[node_attestation]`
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeAttestationConfig {
+    /// `[node_attestation.tpm_devid]`: accept nodes that prove possession of a TPM-resident DevID key.
+    #[serde(default)]
+    pub tpm_devid: Option<TpmDevIdSection>,
+}
+
+/// `[node_attestation.tpm_devid]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TpmDevIdSection {
+    /// PEM file with the certificate(s) of the CA(s) that issue the nodes' DevID certificates.
+    pub devid_ca: PathBuf,
 }
 
 /// `[server]`
@@ -499,6 +519,7 @@ impl Config {
             raw.ca.upstream_cert.as_mut(),
             raw.ca.upstream_key.as_mut(),
             raw.ca.upstream_bundle.as_mut(),
+            raw.node_attestation.tpm_devid.as_mut().map(|t| &mut t.devid_ca),
         ]
         .into_iter()
         .flatten()

@@ -14,6 +14,7 @@ pub mod admin_api;
 pub mod agent_api;
 pub mod authority;
 pub mod config;
+pub mod devid;
 pub mod jwt;
 pub mod metrics;
 pub mod server;

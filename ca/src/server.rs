@@ -269,7 +269,14 @@ pub async fn start(
         agent_ttl: cfg.raw.svid.agent_ttl,
         join_token_ttl: cfg.raw.svid.join_token_ttl,
     };
-    let ca = Ca::new(store.clone(), authority.clone(), defaults, metrics.clone()).await?;
+    let devid = match &cfg.raw.node_attestation.tpm_devid {
+        Some(t) => Some(
+            crate::devid::DevIdVerifier::load(&t.devid_ca)
+                .map_err(|e| ServerError::Ca(crate::service::CaError::DevId(e)))?,
+        ),
+        None => None,
+    };
+    let ca = Ca::new(store.clone(), authority.clone(), defaults, metrics.clone(), devid).await?;
 
     // TLS for the agent API: our own SVID, clients verified against the live bundle.
     let bundle = TrustBundle::new(cfg.trust_domain.clone(), &authority.bundle().x509_authorities)?;

@@ -60,6 +60,9 @@ pub enum CaError {
     /// Issued SVIDs could not be recorded, so they were withheld.
     #[error("could not record issued SVIDs, withholding them: {0}")]
     Record(String),
+    /// A TPM DevID proof was refused.
+    #[error("tpm_devid attestation refused: {0}")]
+    DevId(#[from] crate::devid::DevIdError),
 }
 
 impl CaError {
@@ -76,6 +79,7 @@ impl CaError {
             Self::Store(_) => "store",
             Self::PermissionDenied(_) => "permission_denied",
             Self::Unauthenticated(_) => "unauthenticated",
+            Self::DevId(_) => "devid",
             Self::Authority(_) | Self::Record(_) => "internal",
         }
     }
@@ -99,6 +103,8 @@ impl From<CaError> for tonic::Status {
             }
             CaError::PermissionDenied(_) => tonic::Status::permission_denied(msg),
             CaError::Unauthenticated(_) => tonic::Status::unauthenticated(msg),
+            CaError::DevId(crate::devid::DevIdError::NotEnabled) => tonic::Status::failed_precondition(msg),
+            CaError::DevId(_) => tonic::Status::permission_denied(msg),
             CaError::Store(_) | CaError::Authority(_) | CaError::Record(_) => {
                 tracing::error!(error = %msg, "internal error");
                 tonic::Status::internal(msg)
@@ -173,6 +179,7 @@ pub struct Ca {
     pub metrics: Arc<Metrics>,
     entries_tx: watch::Sender<i64>,
     recorder: mpsc::Sender<RecordJob>,
+    devid: Option<crate::devid::DevIdVerifier>,
 }
 
 type RecordJob = (Vec<IssuedRecord>, oneshot::Sender<Result<(), String>>);
@@ -251,6 +258,7 @@ impl Ca {
         authority: Arc<Authority>,
         defaults: Defaults,
         metrics: Arc<Metrics>,
+        devid: Option<crate::devid::DevIdVerifier>,
     ) -> Result<Arc<Self>, CaError> {
         let rev = store.entries_revision().await?;
         let (entries_tx, _) = watch::channel(rev);
@@ -264,6 +272,7 @@ impl Ca {
             metrics,
             entries_tx,
             recorder,
+            devid,
         }))
     }
 
@@ -530,37 +539,82 @@ impl Ca {
         if token.is_empty() {
             return Err(invalid("join_token", "", "is required"));
         }
-        let csr = x509::parse_csr(csr_der)?;
-        let uris = x509::csr_uri_sans(&csr);
-        for u in &uris {
-            let id = parse_spiffe_id("csr URI SAN", u)?;
-            trustline_identity::spiffe_id::check_member("csr URI SAN", u, &id, &self.td)?;
-        }
-        let now = now_unix();
+        let csr = self.attestation_csr(csr_der)?;
         let jt = self
             .store
-            .consume_join_token(token, now)
+            .consume_join_token(token, now_unix())
             .await
             .inspect_err(|_| self.metrics.error("token"))?;
         let agent_id = parse_spiffe_id("agent_spiffe_id", &jt.agent_spiffe_id)?;
-        x509::check_csr_sans(&csr, &jt.agent_spiffe_id, &[])?;
+        self.admit_node(&csr, agent_id, "join_token").await
+    }
+
+    /// A fresh nonce for a TPM DevID proof.
+    pub fn devid_challenge(&self) -> Result<(Vec<u8>, i64), CaError> {
+        let v = self.devid.as_ref().ok_or(crate::devid::DevIdError::NotEnabled)?;
+        Ok(v.challenge(now_unix())?)
+    }
+
+    /// First attestation of a node that proves possession of a TPM-resident DevID key (see [`crate::devid`]).
+    pub async fn attest_devid(
+        &self,
+        chain: &[Vec<u8>],
+        nonce: &[u8],
+        signature: &[u8],
+        csr_der: &[u8],
+    ) -> Result<(SpiffeId, IssuedSvid), CaError> {
+        let v = self.devid.as_ref().ok_or(crate::devid::DevIdError::NotEnabled)?;
+        let csr = self.attestation_csr(csr_der)?;
+        let node = v
+            .verify(self.td.as_str(), chain, nonce, signature, csr_der, now_unix())
+            .inspect_err(|_| self.metrics.error("devid"))?;
+        let id = format!(
+            "spiffe://{}/trustline/agent/tpm_devid/{}",
+            self.td.as_str(),
+            node.fingerprint
+        );
+        let agent_id = parse_spiffe_id("agent_spiffe_id", &id)?;
+        tracing::info!(subject = %node.subject, "DevID proof verified");
+        self.admit_node(&csr, agent_id, "tpm_devid").await
+    }
+
+    /// Parses an attestation CSR; any URI SAN it names must be in our trust domain.
+    fn attestation_csr(&self, csr_der: &[u8]) -> Result<x509::ValidCsr, CaError> {
+        let csr = x509::parse_csr(csr_der)?;
+        for u in &x509::csr_uri_sans(&csr) {
+            let id = parse_spiffe_id("csr URI SAN", u)?;
+            trustline_identity::spiffe_id::check_member("csr URI SAN", u, &id, &self.td)?;
+        }
+        Ok(csr)
+    }
+
+    /// Issues an attested node's agent SVID and records the node.
+    async fn admit_node(
+        &self,
+        csr: &x509::ValidCsr,
+        agent_id: SpiffeId,
+        attestation: &str,
+    ) -> Result<(SpiffeId, IssuedSvid), CaError> {
+        let now = now_unix();
+        let id = agent_id.to_string();
+        x509::check_csr_sans(csr, &id, &[])?;
         let (svid, key_id) = self
             .authority
-            .sign_x509(&csr, &agent_id, &[], self.defaults.agent_ttl, now)?;
+            .sign_x509(csr, &agent_id, &[], self.defaults.agent_ttl, now)?;
         self.record(vec![IssuedRecord {
             serial: svid.serial.clone(),
-            spiffe_id: jt.agent_spiffe_id.clone(),
+            spiffe_id: id.clone(),
             kind: KeyKind::X509,
             issued_at: now,
             not_after: svid.not_after,
             signing_key_id: key_id,
-            requested_by: "join_token".into(),
+            requested_by: attestation.into(),
         }])
         .await?;
         self.store
             .upsert_node(&NodeRecord {
-                spiffe_id: jt.agent_spiffe_id.clone(),
-                attestation_type: "join_token".into(),
+                spiffe_id: id,
+                attestation_type: attestation.into(),
                 serial: svid.serial.clone(),
                 expires_at: svid.not_after,
                 created_at: now,
@@ -569,7 +623,7 @@ impl Ca {
             .await?;
         self.metrics.agent_attested();
         self.metrics.issued("agent", 1, Duration::ZERO);
-        tracing::info!(agent_id = %agent_id, serial = %svid.serial, "node attested with join token");
+        tracing::info!(agent_id = %agent_id, serial = %svid.serial, attestation, "node attested");
         Ok((agent_id, svid))
     }
 

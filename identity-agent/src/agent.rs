@@ -61,6 +61,9 @@ pub enum AgentError {
     /// Bad data from the CA.
     #[error("CA sent unusable data: {0}")]
     Protocol(String),
+    /// The node's DevID (TPM key or certificate) cannot be used.
+    #[error("tpm_devid: {0}")]
+    DevId(String),
 }
 
 fn file_err(path: &std::path::Path, reason: impl ToString) -> AgentError {
@@ -396,16 +399,21 @@ impl Agent {
                 tracing::info!(agent_id = %id, expires = not_after, "re-using the stored agent SVID (no join token needed)");
             }
             stored => {
-                let token = join_token.filter(|t| !t.is_empty()).ok_or_else(|| {
-                    AgentError::NeedJoinToken(match stored {
-                        Some((id, exp)) => format!(
-                            "the stored agent SVID for {id} expired at {exp} and cannot be renewed: generate a new token with `trustline-ca token generate --spiffe-id {id}` and start the agent with --join-token"
-                        ),
-                        None => "this node has not attested yet: generate a token with `trustline-ca token generate` and start the agent with --join-token (or TRUSTLINE_JOIN_TOKEN)".to_owned(),
-                    })
-                })?;
                 let anon = Arc::new(client_config(verifier, None)?);
-                agent.attest(&token, anon).await?;
+                if let Some(devid) = &agent.cfg.raw.tpm_devid {
+                    // A node with a DevID key attests (and re-attests after any outage) on its own.
+                    agent.attest(Credential::DevId(DevId::load(devid)?), anon).await?;
+                } else {
+                    let token = join_token.filter(|t| !t.is_empty()).ok_or_else(|| {
+                        AgentError::NeedJoinToken(match stored {
+                            Some((id, exp)) => format!(
+                                "the stored agent SVID for {id} expired at {exp} and cannot be renewed: generate a new token with `trustline-ca token generate --spiffe-id {id}` and start the agent with --join-token"
+                            ),
+                            None => "this node has not attested yet: generate a token with `trustline-ca token generate` and start the agent with --join-token (or TRUSTLINE_JOIN_TOKEN), or configure [tpm_devid]".to_owned(),
+                        })
+                    })?;
+                    agent.attest(Credential::JoinToken(token), anon).await?;
+                }
             }
         }
         Ok(agent)
@@ -484,18 +492,44 @@ impl Agent {
         Ok(())
     }
 
-    async fn attest(&self, token: &str, anon: Arc<rustls::ClientConfig>) -> Result<(), AgentError> {
+    async fn attest(&self, cred: Credential, anon: Arc<rustls::ClientConfig>) -> Result<(), AgentError> {
         let (signer, key_ref) = self.keys.generate(KeyType::EcP256)?;
-        // The agent's ID is decided by the token, so the attestation CSR names none.
-        let csr = csr_for_signer(&signer, &[])?;
+        // The agent's ID is decided by the CA (from the token or the DevID), so the attestation CSR names none.
+        let csr = csr_for_signer(&signer, &[], None)?;
         let mut c = AgentClient::new(connector(self.cfg.raw.ca_address, anon)?);
+        let refused = |s: tonic::Status| AgentError::Ca(format!("attestation refused: {}", status_msg(&s)));
+        let (join_token, devid, how) = match cred {
+            Credential::JoinToken(t) => (t, None, "join token"),
+            Credential::DevId(d) => {
+                // A fresh challenge on this connection, answered by the TPM.
+                let ch = c
+                    .attest_challenge(pb::AttestChallengeRequest {})
+                    .await
+                    .map_err(refused)?
+                    .into_inner();
+                let msg =
+                    trustline_identity::devid::proof_message(self.cfg.trust_domain.as_str(), &ch.nonce, &csr);
+                let alg = d.signer.key_type().default_x509_algorithm();
+                let signature = d
+                    .signer
+                    .sign(alg, &msg)
+                    .map_err(|e| AgentError::DevId(format!("signing the challenge: {e}")))?;
+                let proof = pb::DevIdProof {
+                    cert_chain: d.chain,
+                    nonce: ch.nonce,
+                    signature,
+                };
+                (String::new(), Some(proof), "TPM DevID")
+            }
+        };
         let resp = c
             .attest_agent(pb::AttestAgentRequest {
-                join_token: token.to_owned(),
+                join_token,
                 csr,
+                devid,
             })
             .await
-            .map_err(|s| AgentError::Ca(format!("attestation refused: {}", status_msg(&s))))?
+            .map_err(refused)?
             .into_inner();
         let svid = resp
             .svid
@@ -504,7 +538,7 @@ impl Agent {
             self.apply_bundle(&b)?;
         }
         self.install(&svid, signer, &key_ref)?;
-        tracing::info!(agent_id = %svid.spiffe_id, "node attested with join token");
+        tracing::info!(agent_id = %svid.spiffe_id, "node attested with {how}");
         Ok(())
     }
 
@@ -583,7 +617,7 @@ impl Agent {
     async fn renew_agent(&self, id: &str) -> Result<(), AgentError> {
         let (signer, key_ref) = self.keys.generate(KeyType::EcP256)?;
         // The CA checks that a renewal CSR names the agent's own ID (or nothing).
-        let csr = csr_for_signer(&signer, &[id])?;
+        let csr = csr_for_signer(&signer, &[id], None)?;
         let svid = self
             .client
             .clone()
@@ -941,26 +975,44 @@ impl Agent {
     }
 }
 
-fn csr_for_signer(signer: &Arc<dyn trustline_hsm::Signer>, uris: &[&str]) -> Result<Vec<u8>, AgentError> {
-    // rcgen builds and signs the CSR through the hsm signer, so the agent key never leaves the key store.
+/// A PKCS#10 CSR (DER) for an EC P-256 or P-384 key held by an `hsm` signer, naming `uris` and, optionally, a
+/// subject common name.
+pub fn csr_for_signer(
+    signer: &Arc<dyn trustline_hsm::Signer>,
+    uris: &[&str],
+    common_name: Option<&str>,
+) -> Result<Vec<u8>, AgentError> {
+    // rcgen builds and signs the CSR through the hsm signer, so the key never leaves its store (or its TPM).
     struct Remote(Arc<dyn trustline_hsm::Signer>);
     impl rcgen::PublicKeyData for Remote {
         fn der_bytes(&self) -> &[u8] {
             self.0.public_key()
         }
         fn algorithm(&self) -> &'static rcgen::SignatureAlgorithm {
-            &rcgen::PKCS_ECDSA_P256_SHA256
+            match self.0.key_type() {
+                KeyType::EcP384 => &rcgen::PKCS_ECDSA_P384_SHA384,
+                _ => &rcgen::PKCS_ECDSA_P256_SHA256,
+            }
         }
     }
     impl rcgen::SigningKey for Remote {
         fn sign(&self, msg: &[u8]) -> Result<Vec<u8>, rcgen::Error> {
             self.0
-                .sign(trustline_hsm::SignatureAlgorithm::EcdsaP256Sha256, msg)
+                .sign(self.0.key_type().default_x509_algorithm(), msg)
                 .map_err(|_| rcgen::Error::RemoteKeyError)
         }
     }
+    if !matches!(signer.key_type(), KeyType::EcP256 | KeyType::EcP384) {
+        return Err(AgentError::Protocol(format!(
+            "CSRs are made for ec-p256 or ec-p384 keys, not {}",
+            signer.key_type()
+        )));
+    }
     let mut params = rcgen::CertificateParams::new(Vec::<String>::new())
         .map_err(|e| AgentError::Protocol(e.to_string()))?;
+    if let Some(cn) = common_name {
+        params.distinguished_name.push(rcgen::DnType::CommonName, cn);
+    }
     for u in uris {
         params.subject_alt_names.push(rcgen::SanType::URI(
             (*u).try_into()
@@ -969,8 +1021,54 @@ fn csr_for_signer(signer: &Arc<dyn trustline_hsm::Signer>, uris: &[&str]) -> Res
     }
     let csr = params
         .serialize_request(&Remote(signer.clone()))
-        .map_err(|e| AgentError::Protocol(e.to_string()))?;
+        .map_err(|e| match e {
+            rcgen::Error::RemoteKeyError => AgentError::Protocol("the key could not sign the CSR".into()),
+            e => AgentError::Protocol(e.to_string()),
+        })?;
     Ok(csr.der().to_vec())
+}
+
+/// How a node proves itself on first contact.
+enum Credential {
+    JoinToken(String),
+    DevId(DevId),
+}
+
+/// The node's DevID: its key in the TPM and its certificate chain.
+pub struct DevId {
+    /// The TPM-resident key.
+    pub signer: Arc<dyn trustline_hsm::Signer>,
+    /// DER, the DevID certificate first.
+    pub chain: Vec<Vec<u8>>,
+}
+
+impl DevId {
+    /// Opens the TPM and loads the DevID key and certificate named by `[tpm_devid]`.
+    pub fn load(cfg: &crate::config::TpmDevIdConfig) -> Result<Self, AgentError> {
+        let key_text = std::fs::read_to_string(&cfg.key).map_err(|e| file_err(&cfg.key, e))?;
+        let key_ref = KeyRef::new(key_text.trim().to_owned());
+        let store = trustline_hsm::KeyStore::open_tpm(&trustline_hsm::TpmConfig {
+            tcti: cfg.tcti.clone(),
+        })
+        .map_err(|e| AgentError::DevId(format!("tcti {:?}: {e}", cfg.tcti)))?;
+        let signer = store.load(&key_ref).map_err(|e| file_err(&cfg.key, e))?;
+        let pem = std::fs::read_to_string(&cfg.certificate).map_err(|e| file_err(&cfg.certificate, e))?;
+        let chain =
+            trustline_identity::bundle::certs_from_pem(&pem).map_err(|e| file_err(&cfg.certificate, e))?;
+        let leaf = chain
+            .first()
+            .ok_or_else(|| file_err(&cfg.certificate, "no CERTIFICATE in the file"))?;
+        let (_, cert) =
+            x509_parser::parse_x509_certificate(leaf).map_err(|e| file_err(&cfg.certificate, e))?;
+        if cert.public_key().subject_public_key.data.as_ref() != signer.public_key() {
+            return Err(AgentError::DevId(format!(
+                "certificate {} is not for the key in {}",
+                cfg.certificate.display(),
+                cfg.key.display()
+            )));
+        }
+        Ok(Self { signer, chain })
+    }
 }
 
 #[cfg(test)]

@@ -76,6 +76,23 @@ pub struct Config {
     /// SVID handling.
     #[serde(default)]
     pub svid: SvidConfig,
+    /// Attest with a TPM-resident DevID key instead of a join token (and re-attest on its own whenever the stored
+    /// agent SVID has expired).
+    #[serde(default)]
+    pub tpm_devid: Option<TpmDevIdConfig>,
+}
+
+/// `[tpm_devid]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TpmDevIdConfig {
+    /// The TCTI naming the TPM: `device:/dev/tpmrm0`, `tabrmd:`, `swtpm:host=127.0.0.1,port=2321`.
+    pub tcti: String,
+    /// File holding the DevID key's reference (`tpm:v1:…`, a TPM-wrapped blob) as written by
+    /// `trustline-agent devid create`.
+    pub key: PathBuf,
+    /// The DevID certificate (PEM), followed by any intermediates up to the operator's DevID CA.
+    pub certificate: PathBuf,
 }
 
 /// `[keys]`
@@ -179,6 +196,23 @@ impl Config {
                 ));
             }
         }
+        if let Some(t) = &raw.tpm_devid {
+            if t.tcti.trim().is_empty() {
+                return Err(invalid(
+                    "tpm_devid.tcti",
+                    t.tcti.clone(),
+                    "must not be empty".into(),
+                ));
+            }
+            if !trustline_hsm::TPM_SUPPORTED {
+                return Err(invalid(
+                    "tpm_devid",
+                    t.tcti.clone(),
+                    "this build has no TPM support: rebuild with --features trustline-hsm/tpm (needs libtss2-dev)"
+                        .into(),
+                ));
+            }
+        }
         if raw.svid.cache_max == 0 {
             return Err(invalid("svid.cache_max", "0".into(), "must be at least 1".into()));
         }
@@ -191,6 +225,10 @@ impl Config {
         };
         resolve(&mut raw.data_dir);
         resolve(&mut raw.trust_bundle);
+        if let Some(t) = raw.tpm_devid.as_mut() {
+            resolve(&mut t.key);
+            resolve(&mut t.certificate);
+        }
         for p in [
             raw.socket.as_mut(),
             raw.http_socket.as_mut(),

@@ -34,6 +34,9 @@ enum Command {
     /// Talk to a running agent through the Workload API, as a workload would.
     #[command(subcommand)]
     Api(ApiCmd),
+    /// This node's TPM DevID key (for `tpm_devid` node attestation).
+    #[command(subcommand)]
+    Devid(DevidCmd),
     /// Check that the agent answers (exit 0) and say whether it is connected to the CA.
     ///
     /// Example: trustline-agent healthcheck --http-socket /run/trustline/agent/http.sock
@@ -41,6 +44,32 @@ enum Command {
         /// The agent's HTTP API socket.
         #[arg(long, default_value = ".trustline/agent/sockets/http.sock")]
         http_socket: PathBuf,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum DevidCmd {
+    /// Create a DevID key inside the TPM (non-exportable), write its reference (a blob only this TPM can load)
+    /// and a CSR for your DevID CA to sign. Point `[tpm_devid]` at the key file and the signed certificate.
+    ///
+    /// Example: trustline-agent devid create --tcti device:/dev/tpmrm0 --key-out /etc/trustline/devid.key
+    ///          --csr-out devid.csr --common-name node-1.example.org
+    Create {
+        /// The TPM: device:/dev/tpmrm0, tabrmd:, swtpm:host=127.0.0.1,port=2321.
+        #[arg(long)]
+        tcti: String,
+        /// Where to write the key reference (refuses to overwrite).
+        #[arg(long)]
+        key_out: PathBuf,
+        /// Where to write the CSR (PEM).
+        #[arg(long)]
+        csr_out: PathBuf,
+        /// Subject common name for the CSR (e.g. the node's hostname or serial number).
+        #[arg(long)]
+        common_name: Option<String>,
+        /// Key type: ec-p256 or ec-p384.
+        #[arg(long, default_value = "ec-p256")]
+        key_type: String,
     },
 }
 
@@ -181,6 +210,21 @@ fn write_file(path: &Path, body: &[u8], mode: u32) -> Result<(), String> {
     f.write_all(body).map_err(|e| format!("{}: {e}", path.display()))
 }
 
+/// Writes a file that must not exist yet.
+fn write_new_file(path: &Path, body: &[u8], mode: u32) -> Result<(), String> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(mode)
+        .open(path)
+        .map_err(|e| format!("{}: {e}", path.display()))?;
+    f.write_all(body)
+        .and_then(|_| f.sync_all())
+        .map_err(|e| format!("{}: {e}", path.display()))
+}
+
 async fn http_get(socket: &Path, path: &str) -> Result<(u16, String), String> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut s = tokio::net::UnixStream::connect(socket).await.map_err(|e| {
@@ -278,6 +322,42 @@ async fn run(cli: Cli) -> Result<ExitCode, String> {
             for s in resp.svids {
                 println!("{}", s.svid);
             }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Devid(DevidCmd::Create {
+            tcti,
+            key_out,
+            csr_out,
+            common_name,
+            key_type,
+        }) => {
+            let kt: trustline_hsm::KeyType = key_type.parse().map_err(|e| format!("--key-type: {e}"))?;
+            if key_out.exists() {
+                return Err(format!(
+                    "--key-out {}: already exists (a DevID key is never overwritten; remove it yourself if you mean to)",
+                    key_out.display()
+                ));
+            }
+            let store = trustline_hsm::KeyStore::open_tpm(&trustline_hsm::TpmConfig { tcti: tcti.clone() })
+                .map_err(|e| format!("--tcti {tcti:?}: {e}"))?;
+            let (signer, key_ref) = store
+                .generate(kt)
+                .map_err(|e| format!("--key-type {key_type}: {e}"))?;
+            let csr = trustline_identity_agent::agent::csr_for_signer(&signer, &[], common_name.as_deref())
+                .map_err(|e| e.to_string())?;
+            let mut body = key_ref.as_str().to_owned();
+            body.push('\n');
+            write_new_file(&key_out, body.as_bytes(), 0o600)?;
+            write_file(
+                &csr_out,
+                pem::encode(&pem::Pem::new("CERTIFICATE REQUEST", csr)).as_bytes(),
+                0o644,
+            )?;
+            println!(
+                "created a {key_type} DevID key in the TPM; reference in {}, CSR in {} (have your DevID CA sign it)",
+                key_out.display(),
+                csr_out.display()
+            );
             Ok(ExitCode::SUCCESS)
         }
         Command::Healthcheck { http_socket } => {

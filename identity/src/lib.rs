@@ -16,6 +16,7 @@ pub mod selector;
 
 pub use selector::{selector_set_key, Selector, SelectorError};
 pub mod bundle;
+pub mod devid;
 pub mod jwt;
 #[doc(hidden)]
 pub mod mutate;

@@ -356,6 +356,7 @@ async fn attest(ca: &Ca, token: &str) -> Result<(rcgen::KeyPair, pb::AttestAgent
         .attest_agent(pb::AttestAgentRequest {
             join_token: token.to_owned(),
             csr: der,
+            devid: None,
         })
         .await?;
     Ok((key, resp.into_inner()))
@@ -404,6 +405,7 @@ async fn agents_attest_with_one_time_tokens_and_fetch_what_their_node_may_issue(
         .attest_agent(pb::AttestAgentRequest {
             join_token: tok2.clone(),
             csr: bad,
+            devid: None,
         })
         .await
         .unwrap_err();
