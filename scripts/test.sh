@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Runs every Trustline test. Installs what the tests need (Debian packages: postgresql, openssl, chromium, softhsm2,
-# swtpm, libtss2-dev) when
-# missing, starts a throwaway PostgreSQL on loopback for the store tests, and prints cargo's own summary lines.
+# Runs every Trustline test. Installs what the tests need when missing (Debian packages: postgresql, openssl,
+# chromium, softhsm2, swtpm, libtss2-dev), starts a throwaway PostgreSQL on loopback for the store tests, and prints
+# cargo's own summary lines.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
