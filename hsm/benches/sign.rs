@@ -1,7 +1,9 @@
-//! Signatures per second per key backend: software keys (aws-lc) and a PKCS#11 token (SoftHSM2, when
-//! `TRUSTLINE_TEST_SOFTHSM` names its module; scripts/test.sh installs it).
+//! Signatures per second per key backend: software keys (aws-lc), a PKCS#11 token (SoftHSM2, when
+//! `TRUSTLINE_TEST_SOFTHSM` names its module) and a TPM 2.0 (swtpm, in a build with the `tpm` feature and
+//! `TRUSTLINE_TEST_SWTPM` set); scripts/test.sh installs both.
 //!
-//! Run: `TRUSTLINE_TEST_SOFTHSM=/usr/lib/softhsm/libsofthsm2.so cargo bench -p trustline-hsm --bench sign`
+//! Run: `TRUSTLINE_TEST_SOFTHSM=/usr/lib/softhsm/libsofthsm2.so TRUSTLINE_TEST_SWTPM=1 \
+//!       cargo bench -p trustline-hsm --features tpm --bench sign`
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -44,11 +46,16 @@ fn main() {
         let (s, _) = soft.generate(kt).unwrap();
         rate(&format!("software {kt}"), &s, alg);
     }
+    pkcs11(dir.path());
+    tpm(dir.path());
+}
+
+fn pkcs11(dir: &std::path::Path) {
     let Ok(module) = std::env::var("TRUSTLINE_TEST_SOFTHSM") else {
         println!("pkcs11: skipped (set TRUSTLINE_TEST_SOFTHSM to the SoftHSM2 module)");
         return;
     };
-    let conf = trustline_hsm::pkcs11::softhsm_token(dir.path(), "bench", "1234").unwrap();
+    let conf = trustline_hsm::pkcs11::softhsm_token(dir, "bench", "1234").unwrap();
     std::env::set_var("SOFTHSM2_CONF", &conf);
     let p11 = Pkcs11KeyStore::open(&Pkcs11Config {
         module: module.into(),
@@ -63,4 +70,26 @@ fn main() {
         let (s, _) = p11.generate(kt).unwrap();
         rate(&format!("pkcs11 (SoftHSM2) {kt}"), &s, alg);
     }
+}
+
+#[cfg(feature = "tpm")]
+fn tpm(dir: &std::path::Path) {
+    if std::env::var_os("TRUSTLINE_TEST_SWTPM").is_none() {
+        println!("tpm: skipped (set TRUSTLINE_TEST_SWTPM=1; needs swtpm)");
+        return;
+    }
+    let swtpm = trustline_hsm::swtpm::Swtpm::start(&dir.join("tpm")).unwrap();
+    let store = KeyStore::open_tpm(&trustline_hsm::TpmConfig { tcti: swtpm.tcti() }).unwrap();
+    for (kt, alg) in [
+        (KeyType::EcP256, SignatureAlgorithm::EcdsaP256Sha256),
+        (KeyType::EcP384, SignatureAlgorithm::EcdsaP384Sha384),
+    ] {
+        let (s, _) = store.generate(kt).unwrap();
+        rate(&format!("tpm (swtpm) {kt}"), &s, alg);
+    }
+}
+
+#[cfg(not(feature = "tpm"))]
+fn tpm(_: &std::path::Path) {
+    println!("tpm: skipped (build with --features tpm)");
 }

@@ -86,7 +86,20 @@ enum Job {
 
 struct Worker {
     tcti: String,
-    jobs: Mutex<mpsc::Sender<Job>>,
+    /// `None` once dropped: closing the channel ends the thread.
+    jobs: Mutex<Option<mpsc::Sender<Job>>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Drop for Worker {
+    /// Closes the channel and waits for the thread to flush its loaded keys and close the TPM connection, so a
+    /// TPM taken down right after the last key is dropped sees an orderly goodbye.
+    fn drop(&mut self) {
+        self.jobs.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
 }
 
 impl Worker {
@@ -96,6 +109,8 @@ impl Worker {
         self.jobs
             .lock()
             .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+            .ok_or_else(gone)?
             .send(make(tx))
             .map_err(|_| gone())?;
         rx.recv().map_err(|_| gone())?
@@ -123,14 +138,15 @@ impl TpmKeyStore {
         let first = connect(&tcti, name.clone())?;
         let (tx, rx) = mpsc::channel::<Job>();
         let thread_tcti = tcti.clone();
-        std::thread::Builder::new()
+        let thread = std::thread::Builder::new()
             .name("tpm".into())
             .spawn(move || run_worker(thread_tcti, name, Some(first), rx))
             .map_err(|e| HsmError::Tpm(format!("starting the TPM worker thread: {e}")))?;
         Ok(Self {
             worker: Arc::new(Worker {
                 tcti,
-                jobs: Mutex::new(tx),
+                jobs: Mutex::new(Some(tx)),
+                thread: Some(thread),
             }),
         })
     }
