@@ -405,7 +405,18 @@ impl Config {
                         "set exactly one of pin_file or pin_env (the PIN is never taken from the command line)".into(),
                     ));
                 }
-                ec_only(&raw.keys, "PKCS#11")?;
+                for (field, v) in [
+                    ("keys.x509_key_type", &raw.keys.x509_key_type),
+                    ("keys.jwt_key_type", &raw.keys.jwt_key_type),
+                ] {
+                    if v == "ed25519" {
+                        return Err(invalid(
+                            field,
+                            v,
+                            "PKCS#11 keys here are ec-p256, ec-p384 or rsa-2048/3072/4096".into(),
+                        ));
+                    }
+                }
             }
             "tpm" => {
                 let Some(t) = &raw.keys.tpm else {
@@ -607,6 +618,13 @@ mod tests {
         }
         let err = parse("trust_domain = \"example.org\"\n[keys]\nbackend = \"pkcs11\"\n").unwrap_err();
         assert!(err.to_string().contains("keys.pkcs11"), "{err}");
+        let p11 = "trust_domain = \"example.org\"\n[keys]\nbackend = \"pkcs11\"\nx509_key_type = \"KT\"\n[keys.pkcs11]\nmodule = \"/usr/lib/softhsm/libsofthsm2.so\"\ntoken_label = \"ca\"\npin_env = \"PIN\"\n";
+        assert!(parse(&p11.replace("KT", "rsa-3072")).is_ok());
+        let err = parse(&p11.replace("KT", "ed25519")).unwrap_err().to_string();
+        assert!(
+            err.contains("keys.x509_key_type") && err.contains("ed25519"),
+            "{err}"
+        );
         let err = parse("trust_domain = \"example.org\"\n[keys]\nbackend = \"yubikey\"\n").unwrap_err();
         assert!(
             err.to_string().contains("keys.backend") && err.to_string().contains("yubikey"),

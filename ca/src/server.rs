@@ -92,6 +92,19 @@ pub fn open_keystore(cfg: &Validated) -> Result<KeyStore, ServerError> {
             pin,
         })
         .map_err(|e| ServerError::Keys(format!("keys.pkcs11: {e}")))?;
+        // RSA-PSS is optional in PKCS#11: refuse at startup rather than at the first JWT.
+        if cfg.jwt_rsa_pss && k.jwt_key_type.starts_with("rsa-") {
+            let pss = trustline_hsm::SignatureAlgorithm::RsaPssSha256;
+            if !store
+                .supports(pss)
+                .map_err(|e| ServerError::Keys(format!("keys.pkcs11: {e}")))?
+            {
+                return Err(ServerError::Keys(format!(
+                    "keys.jwt_rsa_padding: \"pss\" needs CKM_SHA256_RSA_PKCS_PSS, which token {:?} does not offer (use \"pkcs1\")",
+                    p.token_label
+                )));
+            }
+        }
         return Ok(KeyStore::Pkcs11(store));
     }
     if let (true, Some(t)) = (k.backend == "tpm", &k.tpm) {

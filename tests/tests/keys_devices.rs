@@ -98,7 +98,50 @@ fn the_ca_signs_with_keys_that_live_in_a_pkcs11_token() {
         .output()
         .unwrap();
     assert!(String::from_utf8_lossy(&listing.stdout).contains("trustline-ca"));
+
+    // The token is removed (its folder taken away): signing and rotation fail naming the token, nothing changes;
+    // it is put back: the CA signs and rotates again without a restart.
+    let tokens = tmp.path().join("tokens");
+    let away = tmp.path().join("tokens-away");
+    std::fs::rename(&tokens, &away).unwrap();
+    let e = mint(&ca, tmp.path(), "removed").unwrap_err();
+    assert!(e.contains("token \"trustline-ca\" unavailable"), "{e}");
+    let before = ca.cli_ok(&["ca", "status"]);
+    let e = ca.cli_err(&["ca", "rotate"]);
+    assert!(e.contains("token \"trustline-ca\" unavailable"), "{e}");
+    assert_eq!(
+        ca.cli_ok(&["ca", "status"]),
+        before,
+        "a failed rotation must leave no trace"
+    );
+    std::fs::rename(&away, &tokens).unwrap();
+    let chain = mint(&ca, tmp.path(), "returned").unwrap();
+    assert_eq!(
+        verify_svid(&chain, &ca.bundle_roots(), now()).unwrap(),
+        "spiffe://example.org/returned"
+    );
+    ca.cli_ok(&["ca", "rotate"]);
     drop(ca);
+
+    // RSA keys in the token: PKCS#1 v1.5 certificates, and PS256 JWT-SVIDs through CKM_SHA256_RSA_PKCS_PSS.
+    let rsa_dir = tmp.path().join("ca-rsa");
+    let rsa_cfg = cfg.replace(&dir.display().to_string(), &rsa_dir.display().to_string()).replace(
+        "backend = \"pkcs11\"\n",
+        "backend = \"pkcs11\"\nx509_key_type = \"rsa-2048\"\njwt_key_type = \"rsa-2048\"\njwt_rsa_padding = \"pss\"\n",
+    );
+    let rsa_ca = Ca::start_with(&rsa_dir, &rsa_cfg);
+    exercise(&rsa_ca, tmp.path());
+    let token = rsa_ca.cli_ok(&[
+        "jwt",
+        "mint",
+        "--spiffe-id",
+        "spiffe://example.org/web",
+        "--audience",
+        "a",
+    ]);
+    let header = jsonwebtoken::decode_header(token.trim()).unwrap();
+    assert_eq!(header.alg, jsonwebtoken::Algorithm::PS256);
+    drop(rsa_ca);
 
     // A wrong PIN is a clear, one-line startup error naming the field, without the PIN.
     std::fs::write(&pin, "9999\n").unwrap();
