@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Runs every Trustline test. Installs what the tests need when missing (Debian packages: postgresql, openssl,
-# chromium, softhsm2, swtpm, libtss2-dev), starts a throwaway PostgreSQL on loopback for the store tests, and prints
+# chromium, softhsm2, swtpm, libtss2-dev, cmake, clang), starts a throwaway PostgreSQL on loopback for the store tests, and prints
 # cargo's own summary lines.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -20,6 +20,11 @@ command -v openssl >/dev/null || need_apt+=(openssl)
 command -v swtpm >/dev/null || need_apt+=(swtpm swtpm-tools)
 command -v pkg-config >/dev/null || need_apt+=(pkg-config)
 pkg-config --exists tss2-esys 2>/dev/null || need_apt+=(libtss2-dev)
+# BoringSSL (the `boring` crate, an independent TLS stack in interop/boring) builds with cmake, and bindgen needs
+# libclang.
+command -v cmake >/dev/null || need_apt+=(cmake)
+command -v clang >/dev/null || need_apt+=(clang)
+ls /usr/lib/llvm-*/lib/libclang.so* >/dev/null 2>&1 || need_apt+=(libclang-dev)
 if [ ${#need_apt[@]} -gt 0 ]; then
   echo "== installing: ${need_apt[*]}"
   if [ "$(id -u)" -eq 0 ]; then SUDO=""; else SUDO="sudo"; fi
