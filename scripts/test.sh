@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Runs every Trustline test. Installs what the tests need when missing (Debian packages: postgresql, openssl,
-# chromium, softhsm2, swtpm, libtss2-dev, cmake, clang), starts a throwaway PostgreSQL on loopback for the store tests, and prints
-# cargo's own summary lines.
+# chromium, softhsm2, swtpm, libtss2-dev, libssl-dev, cmake, clang), starts a throwaway PostgreSQL on loopback for
+# the store tests, and prints cargo's own summary lines.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -20,6 +20,8 @@ command -v openssl >/dev/null || need_apt+=(openssl)
 command -v swtpm >/dev/null || need_apt+=(swtpm swtpm-tools)
 command -v pkg-config >/dev/null || need_apt+=(pkg-config)
 pkg-config --exists tss2-esys 2>/dev/null || need_apt+=(libtss2-dev)
+# The national algorithms (SM2/SM3/SM4, cargo feature `sm`) link Debian's OpenSSL 3.
+pkg-config --exists openssl 2>/dev/null || need_apt+=(libssl-dev)
 # BoringSSL (the `boring` crate, an independent TLS stack in interop/boring) builds with cmake, and bindgen needs
 # libclang.
 command -v cmake >/dev/null || need_apt+=(cmake)
@@ -70,8 +72,9 @@ export TRUSTLINE_TEST_PYTHON="$PWD/$PY_VENV/bin/python"
 export TRUSTLINE_TEST_CHROMIUM=/usr/bin/chromium
 export TRUSTLINE_TEST_SOFTHSM=/usr/lib/softhsm/libsofthsm2.so
 export TRUSTLINE_TEST_SWTPM=1
-# The TPM 2.0 key backend is a cargo feature (it links libtss2); the tests build with it.
-FEATURES=(--features trustline-hsm/tpm)
+# The TPM 2.0 key backend and the national algorithms are cargo features (they link libtss2 and OpenSSL); the
+# tests build with both.
+FEATURES=(--features trustline-hsm/tpm,trustline-hsm/sm)
 
 # End-to-end tests run the real binaries: build them first.
 echo "== cargo build --workspace --bins ${FEATURES[*]}"

@@ -31,6 +31,9 @@ pub use tpm::TpmKeyStore;
 /// Whether this build has the TPM 2.0 backend (cargo feature `tpm`, which needs libtss2 at build time).
 pub const TPM_SUPPORTED: bool = cfg!(feature = "tpm");
 
+/// Whether this build has the Chinese national algorithms (cargo feature `sm`: SM2 keys, SM4-GCM sealing).
+pub const SM_SUPPORTED: bool = cfg!(feature = "sm");
+
 /// Where a TPM 2.0 is.
 #[derive(Debug, Clone)]
 pub struct TpmConfig {
@@ -101,6 +104,9 @@ pub enum HsmError {
     /// A TPM failed or could not be reached (the message names the TPM and the command).
     #[error("TPM: {0}")]
     Tpm(String),
+    /// An SM2 operation failed (OpenSSL's reason).
+    #[error("SM2: {0}")]
+    Sm(String),
 }
 
 /// Key types Trustline can hold.
@@ -118,6 +124,9 @@ pub enum KeyType {
     Rsa3072,
     /// RSA, 4096-bit modulus.
     Rsa4096,
+    /// SM2 (GB/T 32918), signing SM2-with-SM3 with the distinguishing ID `1234567812345678`. Needs the `sm`
+    /// feature to generate or use.
+    Sm2,
 }
 
 impl KeyType {
@@ -130,6 +139,7 @@ impl KeyType {
             Self::Rsa2048 => "rsa-2048",
             Self::Rsa3072 => "rsa-3072",
             Self::Rsa4096 => "rsa-4096",
+            Self::Sm2 => "sm2",
         }
     }
 
@@ -140,6 +150,7 @@ impl KeyType {
             Self::EcP384 => SignatureAlgorithm::EcdsaP384Sha384,
             Self::Ed25519 => SignatureAlgorithm::Ed25519,
             Self::Rsa2048 | Self::Rsa3072 | Self::Rsa4096 => SignatureAlgorithm::RsaPkcs1Sha256,
+            Self::Sm2 => SignatureAlgorithm::Sm2Sm3,
         }
     }
 
@@ -155,6 +166,7 @@ impl KeyType {
             Self::Rsa2048 => 4,
             Self::Rsa3072 => 5,
             Self::Rsa4096 => 6,
+            Self::Sm2 => 7,
         }
     }
 
@@ -166,6 +178,7 @@ impl KeyType {
             4 => Self::Rsa2048,
             5 => Self::Rsa3072,
             6 => Self::Rsa4096,
+            7 => Self::Sm2,
             _ => return None,
         })
     }
@@ -182,6 +195,7 @@ impl FromStr for KeyType {
             "rsa-2048" => Self::Rsa2048,
             "rsa-3072" => Self::Rsa3072,
             "rsa-4096" => Self::Rsa4096,
+            "sm2" => Self::Sm2,
             other => return Err(HsmError::UnknownKeyType(other.to_owned())),
         })
     }
@@ -208,6 +222,8 @@ pub enum SignatureAlgorithm {
     RsaPkcs1Sha384,
     /// RSA-PSS with SHA-256 (salt length = digest length).
     RsaPssSha256,
+    /// SM2 with SM3 (DER signature), distinguishing ID `1234567812345678`.
+    Sm2Sm3,
 }
 
 impl SignatureAlgorithm {
@@ -218,6 +234,7 @@ impl SignatureAlgorithm {
             Self::EcdsaP384Sha384 => key_type == KeyType::EcP384,
             Self::Ed25519 => key_type == KeyType::Ed25519,
             Self::RsaPkcs1Sha256 | Self::RsaPkcs1Sha384 | Self::RsaPssSha256 => key_type.is_rsa(),
+            Self::Sm2Sm3 => key_type == KeyType::Sm2,
         }
     }
 }
@@ -297,6 +314,9 @@ pub fn verify(
     if !alg.fits(key_type) {
         return Err(HsmError::AlgorithmMismatch { key_type, alg });
     }
+    if alg == SignatureAlgorithm::Sm2Sm3 {
+        return verify_sm2(public_key, msg, sig);
+    }
     let algorithm: &'static dyn s::VerificationAlgorithm = match alg {
         SignatureAlgorithm::EcdsaP256Sha256 => &s::ECDSA_P256_SHA256_ASN1,
         SignatureAlgorithm::EcdsaP384Sha384 => &s::ECDSA_P384_SHA384_ASN1,
@@ -304,10 +324,23 @@ pub fn verify(
         SignatureAlgorithm::RsaPkcs1Sha256 => &s::RSA_PKCS1_2048_8192_SHA256,
         SignatureAlgorithm::RsaPkcs1Sha384 => &s::RSA_PKCS1_2048_8192_SHA384,
         SignatureAlgorithm::RsaPssSha256 => &s::RSA_PSS_2048_8192_SHA256,
+        SignatureAlgorithm::Sm2Sm3 => return Err(HsmError::Crypto("SM2 is checked above")),
     };
     s::UnparsedPublicKey::new(algorithm, public_key)
         .verify(msg, sig)
         .map_err(|_| HsmError::Crypto("signature does not verify"))
+}
+
+#[cfg(feature = "sm")]
+fn verify_sm2(public_key: &[u8], msg: &[u8], sig: &[u8]) -> Result<(), HsmError> {
+    trustline_sm::sm2::verify(public_key, msg, sig).map_err(|_| HsmError::Crypto("signature does not verify"))
+}
+
+#[cfg(not(feature = "sm"))]
+fn verify_sm2(_: &[u8], _: &[u8], _: &[u8]) -> Result<(), HsmError> {
+    Err(HsmError::UnsupportedBackend(
+        "sm2 (rebuild with --features trustline-hsm/sm; it needs libssl-dev)".into(),
+    ))
 }
 
 /// An opaque, storable reference to a key in a backend (`soft:v1:<sealed blob>` for software keys). It never
@@ -411,6 +444,7 @@ mod tests {
             KeyType::Rsa2048,
             KeyType::Rsa3072,
             KeyType::Rsa4096,
+            KeyType::Sm2,
         ] {
             assert_eq!(kt.as_str().parse::<KeyType>().unwrap(), kt);
             assert_eq!(KeyType::from_code(kt.code()), Some(kt));

@@ -9,6 +9,10 @@
 //!   kdf 1: Argon2id: m_kib(u32 BE) | t(u32 BE) | p(u32 BE) | salt(16)
 //! ```
 //!
+//! With SM4 sealing (the `sm2` CA backend, cargo feature `sm`) the header's version is 2 and the blob is sealed
+//! with SM4-GCM (RFC 8998 §2) under the first 16 bytes of HMAC-SM3(sealing key, "trustline sm4 seal v1");
+//! everything else is the same.
+//!
 //! The whole header is the AEAD's associated data, so changing the key type or KDF parameters breaks the tag.
 //! A store derives its sealing key once (with a fresh random salt); keys sealed by other stores are opened by
 //! deriving for their salt, and derivations are cached by salt.
@@ -29,6 +33,8 @@ use crate::{HsmError, KeyRef, KeyType, SignatureAlgorithm, Signer};
 
 const MAGIC: &[u8; 4] = b"TLK1";
 const VERSION: u8 = 1;
+/// Header version of blobs sealed with SM4-GCM.
+const VERSION_SM4: u8 = 2;
 const KDF_KEY_FILE: u8 = 0;
 const KDF_ARGON2ID: u8 = 1;
 const PREFIX: &str = "soft:v1:";
@@ -64,6 +70,8 @@ enum Secret {
 /// Software key backend: keys live in memory and, at rest, only sealed in their [`KeyRef`].
 pub struct SoftwareKeyStore {
     secret: Secret,
+    /// Seal new keys with SM4-GCM instead of AES-256-GCM.
+    sm4: bool,
 }
 
 impl std::fmt::Debug for SoftwareKeyStore {
@@ -72,7 +80,8 @@ impl std::fmt::Debug for SoftwareKeyStore {
             Secret::KeyFile(_) => "key file",
             Secret::Passphrase { .. } => "passphrase",
         };
-        write!(f, "SoftwareKeyStore({kind})")
+        let cipher = if self.sm4 { "SM4-GCM" } else { "AES-256-GCM" };
+        write!(f, "SoftwareKeyStore({kind}, {cipher})")
     }
 }
 
@@ -102,6 +111,7 @@ impl SoftwareKeyStore {
             .map_err(|_| HsmError::Crypto("random salt"))?;
         let key = derive(passphrase, &salt, params)?;
         Ok(Self {
+            sm4: false,
             secret: Secret::Passphrase {
                 passphrase: Zeroizing::new(passphrase.to_owned()),
                 params,
@@ -153,7 +163,20 @@ impl SoftwareKeyStore {
         }
         Ok(Self {
             secret: Secret::KeyFile(key),
+            sm4: false,
         })
+    }
+
+    /// Seals the keys it generates from now on with SM4-GCM (an SM-mode trust domain); opens both kinds. Needs
+    /// the `sm` feature.
+    pub fn with_sm4_sealing(mut self) -> Result<Self, HsmError> {
+        if !crate::SM_SUPPORTED {
+            return Err(HsmError::UnsupportedBackend(
+                "SM4 sealing (rebuild with --features trustline-hsm/sm; it needs libssl-dev)".into(),
+            ));
+        }
+        self.sm4 = true;
+        Ok(self)
     }
 
     /// Writes a new random 32-byte key file with mode 0600; refuses to overwrite an existing file.
@@ -182,7 +205,7 @@ impl SoftwareKeyStore {
     fn header(&self, key_type: KeyType) -> Vec<u8> {
         let mut h = Vec::with_capacity(40);
         h.extend_from_slice(MAGIC);
-        h.push(VERSION);
+        h.push(if self.sm4 { VERSION_SM4 } else { VERSION });
         match &self.secret {
             Secret::KeyFile(_) => h.push(KDF_KEY_FILE),
             Secret::Passphrase { params, salt, .. } => {
@@ -207,12 +230,17 @@ impl SoftwareKeyStore {
         SystemRandom::new()
             .fill(&mut nonce)
             .map_err(|_| HsmError::Crypto("random nonce"))?;
-        let aead = LessSafeKey::new(
-            UnboundKey::new(&AES_256_GCM, sealing).map_err(|_| HsmError::Crypto("AES key"))?,
-        );
-        let mut buf = Zeroizing::new(pkcs8.to_vec());
-        aead.seal_in_place_append_tag(Nonce::assume_unique_for_key(nonce), Aad::from(&header), &mut *buf)
-            .map_err(|_| HsmError::Crypto("seal"))?;
+        let buf = if self.sm4 {
+            sm4::seal(sealing, &nonce, &header, pkcs8)?
+        } else {
+            let aead = LessSafeKey::new(
+                UnboundKey::new(&AES_256_GCM, sealing).map_err(|_| HsmError::Crypto("AES key"))?,
+            );
+            let mut buf = Zeroizing::new(pkcs8.to_vec());
+            aead.seal_in_place_append_tag(Nonce::assume_unique_for_key(nonce), Aad::from(&header), &mut *buf)
+                .map_err(|_| HsmError::Crypto("seal"))?;
+            buf
+        };
         let mut blob = header;
         blob.extend_from_slice(&nonce);
         blob.extend_from_slice(&buf);
@@ -228,7 +256,7 @@ impl SoftwareKeyStore {
         if blob.len() < 6 || &blob[..4] != MAGIC {
             return Err(HsmError::Sealed("bad magic"));
         }
-        if blob[4] != VERSION {
+        if blob[4] != VERSION && blob[4] != VERSION_SM4 {
             return Err(HsmError::Sealed("unsupported blob version"));
         }
         let (kdf_len, derived): (usize, Zeroizing<[u8; 32]>) = match (blob[5], &self.secret) {
@@ -292,10 +320,14 @@ impl SoftwareKeyStore {
         let header = &blob[..=kt_at];
         let mut nonce = [0u8; NONCE_LEN];
         nonce.copy_from_slice(&blob[kt_at + 1..kt_at + 1 + NONCE_LEN]);
+        let sealed = &blob[kt_at + 1 + NONCE_LEN..];
+        if blob[4] == VERSION_SM4 {
+            return Ok((key_type, sm4::open(&derived, &nonce, header, sealed)?));
+        }
         let aead = LessSafeKey::new(
             UnboundKey::new(&AES_256_GCM, derived.as_ref()).map_err(|_| HsmError::Crypto("AES key"))?,
         );
-        let mut buf = Zeroizing::new(blob[kt_at + 1 + NONCE_LEN..].to_vec());
+        let mut buf = Zeroizing::new(sealed.to_vec());
         let plain_len = aead
             .open_in_place(Nonce::assume_unique_for_key(nonce), Aad::from(header), &mut buf)
             .map_err(|_| HsmError::Sealed("wrong passphrase or key file, or corrupted key blob"))?
@@ -322,6 +354,8 @@ enum Inner {
     Ec(EcdsaKeyPair),
     Ed(Ed25519KeyPair),
     Rsa(RsaKeyPair),
+    #[cfg(feature = "sm")]
+    Sm2(trustline_sm::sm2::Sm2Key),
 }
 
 struct SoftwareKey {
@@ -375,6 +409,11 @@ impl SoftwareKey {
                     .as_ref()
                     .to_vec(),
             ),
+            #[cfg(feature = "sm")]
+            Inner::Sm2(k) => (
+                k.public_key_point().map_err(sm_err)?.to_vec(),
+                k.public_key_der().map_err(sm_err)?,
+            ),
         };
         Ok(Self {
             key_type,
@@ -412,6 +451,14 @@ impl SoftwareKey {
                 let der: Pkcs8V1Der<'static> = k.as_der().map_err(fail)?;
                 (Inner::Rsa(k), Zeroizing::new(der.as_ref().to_vec()))
             }
+            #[cfg(feature = "sm")]
+            KeyType::Sm2 => {
+                let k = trustline_sm::sm2::generate().map_err(sm_err)?;
+                let der = Zeroizing::new(k.to_pkcs8_der().map_err(sm_err)?);
+                (Inner::Sm2(k), der)
+            }
+            #[cfg(not(feature = "sm"))]
+            KeyType::Sm2 => return Err(no_sm()),
         };
         Ok((Self::new(key_type, inner)?, pkcs8))
     }
@@ -426,6 +473,13 @@ impl SoftwareKey {
                 Inner::Ec(EcdsaKeyPair::from_pkcs8(&sig::ECDSA_P384_SHA384_ASN1_SIGNING, der).map_err(bad)?)
             }
             KeyType::Ed25519 => Inner::Ed(Ed25519KeyPair::from_pkcs8_maybe_unchecked(der).map_err(bad)?),
+            #[cfg(feature = "sm")]
+            KeyType::Sm2 => Inner::Sm2(
+                trustline_sm::sm2::Sm2Key::from_pkcs8_der(der)
+                    .map_err(|_| HsmError::Sealed("sealed PKCS#8 does not hold the recorded key type"))?,
+            ),
+            #[cfg(not(feature = "sm"))]
+            KeyType::Sm2 => return Err(no_sm()),
             _ => Inner::Rsa(RsaKeyPair::from_pkcs8(der).map_err(bad)?),
         };
         Self::new(key_type, inner)
@@ -471,7 +525,80 @@ impl Signer for SoftwareKey {
                     .map_err(|_| HsmError::Crypto("RSA signing"))?;
                 Ok(out)
             }
+            #[cfg(feature = "sm")]
+            Inner::Sm2(k) => k.sign(msg).map_err(sm_err),
         }
+    }
+}
+
+#[cfg(feature = "sm")]
+fn sm_err(e: trustline_sm::SmError) -> HsmError {
+    HsmError::Sm(e.to_string())
+}
+
+#[cfg(not(feature = "sm"))]
+fn no_sm() -> HsmError {
+    HsmError::UnsupportedBackend(
+        "sm2 keys (rebuild with --features trustline-hsm/sm; it needs libssl-dev)".into(),
+    )
+}
+
+/// SM4-GCM sealing of software keys: the AES-256-GCM blob layout with an SM4 key derived from the sealing key.
+mod sm4 {
+    use super::*;
+
+    #[cfg(feature = "sm")]
+    fn key(sealing: &[u8; 32]) -> Zeroizing<[u8; 16]> {
+        let mac = Zeroizing::new(trustline_sm::sm3::hmac(sealing, b"trustline sm4 seal v1"));
+        let mut k = Zeroizing::new([0u8; 16]);
+        k.copy_from_slice(&mac[..16]);
+        k
+    }
+
+    #[cfg(feature = "sm")]
+    pub(super) fn seal(
+        sealing: &[u8; 32],
+        nonce: &[u8; NONCE_LEN],
+        header: &[u8],
+        plain: &[u8],
+    ) -> Result<Zeroizing<Vec<u8>>, HsmError> {
+        trustline_sm::sm4gcm::seal(&key(sealing), nonce, header, plain)
+            .map(Zeroizing::new)
+            .map_err(|_| HsmError::Crypto("SM4-GCM seal"))
+    }
+
+    #[cfg(feature = "sm")]
+    pub(super) fn open(
+        sealing: &[u8; 32],
+        nonce: &[u8; NONCE_LEN],
+        header: &[u8],
+        sealed: &[u8],
+    ) -> Result<Zeroizing<Vec<u8>>, HsmError> {
+        trustline_sm::sm4gcm::open(&key(sealing), nonce, header, sealed)
+            .map(Zeroizing::new)
+            .map_err(|_| HsmError::Sealed("wrong passphrase or key file, or corrupted key blob"))
+    }
+
+    #[cfg(not(feature = "sm"))]
+    pub(super) fn seal(
+        _: &[u8; 32],
+        _: &[u8; NONCE_LEN],
+        _: &[u8],
+        _: &[u8],
+    ) -> Result<Zeroizing<Vec<u8>>, HsmError> {
+        Err(no_sm())
+    }
+
+    #[cfg(not(feature = "sm"))]
+    pub(super) fn open(
+        _: &[u8; 32],
+        _: &[u8; NONCE_LEN],
+        _: &[u8],
+        _: &[u8],
+    ) -> Result<Zeroizing<Vec<u8>>, HsmError> {
+        Err(HsmError::Sealed(
+            "key is sealed with SM4-GCM: rebuild with --features trustline-hsm/sm",
+        ))
     }
 }
 
@@ -536,6 +663,63 @@ mod tests {
         t: 1,
         p: 1,
     };
+
+    /// SM mode: SM2 keys sign SM2-with-SM3 (checked by the SM crate's verifier, itself checked against the openssl
+    /// CLI), and every key the store makes is sealed with SM4-GCM; AES-sealed keys still open; tampering is caught.
+    #[cfg(feature = "sm")]
+    #[test]
+    fn sm_mode_makes_sm2_keys_and_seals_with_sm4() {
+        let (_dir, aes) = key_file_store();
+        let (_, old_ref) = aes.generate(KeyType::EcP256).unwrap();
+        let store = aes.with_sm4_sealing().unwrap();
+        let (sm2, sm2_ref) = store.generate(KeyType::Sm2).unwrap();
+        let sig = sm2.sign(SignatureAlgorithm::Sm2Sm3, b"tbs").unwrap();
+        verify(
+            KeyType::Sm2,
+            SignatureAlgorithm::Sm2Sm3,
+            sm2.public_key(),
+            b"tbs",
+            &sig,
+        )
+        .unwrap();
+        verify(
+            KeyType::Sm2,
+            SignatureAlgorithm::Sm2Sm3,
+            &sm2.public_key_spki_der(),
+            b"tbs",
+            &sig,
+        )
+        .unwrap();
+        assert!(verify(
+            KeyType::Sm2,
+            SignatureAlgorithm::Sm2Sm3,
+            sm2.public_key(),
+            b"tbx",
+            &sig
+        )
+        .is_err());
+        assert!(sm2.sign(SignatureAlgorithm::EcdsaP256Sha256, b"x").is_err());
+        let blob = STANDARD
+            .decode(sm2_ref.as_str().strip_prefix(PREFIX).unwrap())
+            .unwrap();
+        assert_eq!(blob[4], VERSION_SM4);
+        let again = store.load(&sm2_ref).unwrap();
+        assert_eq!(again.public_key_spki_der(), sm2.public_key_spki_der());
+        // The JWT key of an SM-mode CA (P-256 by default) is sealed with SM4 too.
+        let (_, p256_ref) = store.generate(KeyType::EcP256).unwrap();
+        let blob = STANDARD
+            .decode(p256_ref.as_str().strip_prefix(PREFIX).unwrap())
+            .unwrap();
+        assert_eq!(blob[4], VERSION_SM4);
+        store.load(&p256_ref).unwrap();
+        store.load(&old_ref).unwrap();
+        // One flipped bit anywhere is refused.
+        let mut bad = blob.clone();
+        let last = bad.len() - 1;
+        bad[last] ^= 1;
+        let bad_ref = KeyRef::new(format!("{PREFIX}{}", STANDARD.encode(&bad)));
+        assert!(matches!(store.load(&bad_ref), Err(HsmError::Sealed(_))));
+    }
 
     fn key_file_store() -> (tempfile::TempDir, SoftwareKeyStore) {
         let dir = tempfile::tempdir().unwrap();
