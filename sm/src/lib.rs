@@ -23,5 +23,6 @@ mod ffi;
 pub mod sm2;
 pub mod sm3;
 pub mod sm4gcm;
+pub mod tls;
 
 pub use error::SmError;
