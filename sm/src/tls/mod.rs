@@ -4,8 +4,9 @@
 //! - cipher suite `TLS_SM4_GCM_SM3` (0x00C6): SM4-GCM records, SM3 transcript hash, HKDF over HMAC-SM3;
 //! - key exchange group curveSM2 (0x0029): ECDHE on the SM2 curve, uncompressed points, the shared secret
 //!   being the x-coordinate (32 bytes), as for the NIST curves;
-//! - signature scheme `sm2sig_sm3` (0x0708): SM2-with-SM3 with the ID `1234567812345678` (RFC 8998 §3.2.1),
-//!   for CertificateVerify and for certificate chains (webpki);
+//! - signature scheme `sm2sig_sm3` (0x0708): SM2-with-SM3. CertificateVerify signatures use the ID
+//!   `TLSv1.3+GM+Cipher+Suite` that RFC 8998 §3.2.1 fixes for TLS 1.3 (as Tongsuo, GmSSL and Kona do);
+//!   certificate chains (webpki) use the certificate ID `1234567812345678`;
 //! - randomness from OpenSSL's `RAND_bytes`; private keys: SM2 in PKCS#8 (or SEC1).
 //!
 //! Use it with TLS 1.3 only: `ClientConfig::builder_with_provider(Arc::new(provider()))
@@ -25,7 +26,7 @@ mod sign;
 mod suite;
 
 pub use kx::CURVE_SM2_GROUP;
-pub use sign::{Sm2SigningKey, SM2_WITH_SM3};
+pub use sign::{Sm2SigningKey, SM2SIG_SM3_TLS13, SM2_WITH_SM3};
 pub use suite::TLS_SM4_GCM_SM3;
 
 /// The cipher suite number of `TLS_SM4_GCM_SM3` (RFC 8998 §2).
@@ -46,10 +47,11 @@ pub fn provider() -> CryptoProvider {
     }
 }
 
-/// Verification algorithms: SM2-with-SM3 only, for both certificates and handshake signatures.
+/// Verification algorithms: SM2-with-SM3 only. Certificates (`all`) with the ID `1234567812345678`; TLS 1.3
+/// CertificateVerify (`mapping` of `sm2sig_sm3`) with the ID `TLSv1.3+GM+Cipher+Suite` (RFC 8998 §3.2.1).
 pub static SUPPORTED_SIG_ALGS: WebPkiSupportedAlgorithms = WebPkiSupportedAlgorithms {
     all: &[SM2_WITH_SM3],
-    mapping: &[(SM2SIG_SM3, &[SM2_WITH_SM3])],
+    mapping: &[(SM2SIG_SM3, &[SM2SIG_SM3_TLS13])],
 };
 
 /// Randomness from OpenSSL's `RAND_bytes`.
