@@ -38,9 +38,11 @@ pub enum SmError {
         /// Why it was refused.
         reason: String,
     },
-    /// An SM2 signature did not verify (with the distinguishing ID `1234567812345678`).
-    #[error("SM2 signature ({sig_len} bytes) over {msg_len} bytes does not verify with ID 1234567812345678")]
+    /// An SM2 signature did not verify (with the distinguishing ID named in `id`).
+    #[error("SM2 signature ({sig_len} bytes) over {msg_len} bytes does not verify with ID {id}")]
     BadSignature {
+        /// The distinguishing ID used (`1234567812345678`, or `TLSv1.3+GM+Cipher+Suite` in TLS 1.3).
+        id: &'static str,
         /// Length of the signature.
         sig_len: usize,
         /// Length of the signed message.

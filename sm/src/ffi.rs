@@ -20,7 +20,7 @@ use openssl::x509::{X509Req, X509};
 use openssl_sys as sys;
 
 use crate::error::SmError;
-use crate::sm2::DISTINGUISHING_ID;
+use crate::sm2::DistId;
 
 // Functions of OpenSSL 3.0's libcrypto that openssl-sys 0.9 does not declare. Signatures from OpenSSL 3.0's
 // <openssl/evp.h> and <openssl/x509.h>.
@@ -71,8 +71,9 @@ enum Op {
 }
 
 impl Sm2MdCtx {
-    /// Builds the contexts for `pkey` (which must be an SM2 key: callers check `pkey.id() == Id::SM2`).
-    fn new<T: HasPublic>(pkey: &PKeyRef<T>, op: Op) -> Result<Self, SmError> {
+    /// Builds the contexts for `pkey` (which must be an SM2 key: callers check [`is_sm2`]).
+    fn new<T: HasPublic>(pkey: &PKeyRef<T>, op: Op, id: DistId) -> Result<Self, SmError> {
+        let id = id.bytes();
         // SAFETY: `pkey.as_ptr()` is a valid EVP_PKEY for the duration of this borrow; EVP_PKEY_CTX_new takes its
         // own reference on it (EVP_PKEY_up_ref), so the context stays valid after the borrow ends. A NULL engine
         // is allowed.
@@ -93,10 +94,11 @@ impl Sm2MdCtx {
                 source: ErrorStack::get(),
             });
         }
-        let id_len = c_int::try_from(DISTINGUISHING_ID.len()).unwrap_or(c_int::MAX);
+        // The IDs are 16 and 23 bytes long: the conversion cannot fail.
+        let id_len = c_int::try_from(id.len()).unwrap_or(0);
         // SAFETY: `pctx` is valid (checked above). `set1` copies the ID (OpenSSL caches it until the signature
-        // operation is initialised), so pointing at a 16-byte `'static` array of exactly `id_len` bytes is enough.
-        let rc = unsafe { EVP_PKEY_CTX_set1_id(pctx, DISTINGUISHING_ID.as_ptr().cast(), id_len) };
+        // operation is initialised), so pointing at a `'static` byte string of exactly `id_len` bytes is enough.
+        let rc = unsafe { EVP_PKEY_CTX_set1_id(pctx, id.as_ptr().cast(), id_len) };
         if rc <= 0 {
             return Err(SmError::OpenSsl {
                 op: "EVP_PKEY_CTX_set1_id",
@@ -141,9 +143,9 @@ impl Sm2MdCtx {
     }
 }
 
-/// SM2-with-SM3 signature (DER `SEQUENCE { r, s }`) of `msg` under `key`, ID `1234567812345678`.
-pub(crate) fn sign(key: &PKeyRef<Private>, msg: &[u8]) -> Result<Vec<u8>, SmError> {
-    let ctx = Sm2MdCtx::new(key, Op::Sign)?;
+/// SM2-with-SM3 signature (DER `SEQUENCE { r, s }`) of `msg` under `key`, with the distinguishing ID `id`.
+pub(crate) fn sign(key: &PKeyRef<Private>, msg: &[u8], id: DistId) -> Result<Vec<u8>, SmError> {
+    let ctx = Sm2MdCtx::new(key, Op::Sign, id)?;
     let mut sig_len: usize = 0;
     // SAFETY: `ctx.md` is initialised for signing; a NULL signature buffer asks for the maximum length, written to
     // `sig_len`, a valid `usize`; `msg` is readable for `msg.len()` bytes.
@@ -168,9 +170,14 @@ pub(crate) fn sign(key: &PKeyRef<Private>, msg: &[u8]) -> Result<Vec<u8>, SmErro
     Ok(sig)
 }
 
-/// Checks an SM2-with-SM3 signature of `msg` under `key`, ID `1234567812345678`.
-pub(crate) fn verify<T: HasPublic>(key: &PKeyRef<T>, msg: &[u8], sig: &[u8]) -> Result<(), SmError> {
-    let ctx = Sm2MdCtx::new(key, Op::Verify)?;
+/// Checks an SM2-with-SM3 signature of `msg` under `key`, with the distinguishing ID `id`.
+pub(crate) fn verify<T: HasPublic>(
+    key: &PKeyRef<T>,
+    msg: &[u8],
+    sig: &[u8],
+    id: DistId,
+) -> Result<(), SmError> {
+    let ctx = Sm2MdCtx::new(key, Op::Verify, id)?;
     // SAFETY: `ctx.md` is initialised for verification; `sig` and `msg` are readable for their lengths.
     let rc = unsafe { sys::EVP_DigestVerify(ctx.md, sig.as_ptr(), sig.len(), msg.as_ptr(), msg.len()) };
     // Clear whatever a malformed signature left on this thread's error queue: it is reported as BadSignature.
@@ -181,6 +188,7 @@ pub(crate) fn verify<T: HasPublic>(key: &PKeyRef<T>, msg: &[u8], sig: &[u8]) -> 
         Err(SmError::BadSignature {
             sig_len: sig.len(),
             msg_len: msg.len(),
+            id: id.name(),
         })
     }
 }
@@ -188,7 +196,7 @@ pub(crate) fn verify<T: HasPublic>(key: &PKeyRef<T>, msg: &[u8], sig: &[u8]) -> 
 /// Signs a certificate (its TBS, algorithm identifiers and signature) with SM2-with-SM3, ID `1234567812345678`.
 /// Takes the certificate by value: it is uniquely owned while OpenSSL writes into it.
 pub(crate) fn sign_x509(cert: X509, key: &PKeyRef<Private>) -> Result<X509, SmError> {
-    let ctx = Sm2MdCtx::new(key, Op::Sign)?;
+    let ctx = Sm2MdCtx::new(key, Op::Sign, DistId::Standard)?;
     // SAFETY: `cert` is a valid X509 owned by this function (no other Rust reference to it exists, and the
     // builder that made it has been consumed), so OpenSSL may mutate it; `ctx.md` is initialised for signing.
     let rc = unsafe { X509_sign_ctx(cert.as_ptr(), ctx.md) };
@@ -204,7 +212,7 @@ pub(crate) fn sign_x509(cert: X509, key: &PKeyRef<Private>) -> Result<X509, SmEr
 /// Signs a certificate request with SM2-with-SM3, ID `1234567812345678`. Takes the request by value: it is
 /// uniquely owned while OpenSSL writes into it.
 pub(crate) fn sign_x509_req(req: X509Req, key: &PKeyRef<Private>) -> Result<X509Req, SmError> {
-    let ctx = Sm2MdCtx::new(key, Op::Sign)?;
+    let ctx = Sm2MdCtx::new(key, Op::Sign, DistId::Standard)?;
     // SAFETY: `req` is a valid X509_REQ owned by this function (no other reference exists), so OpenSSL may mutate
     // it; `ctx.md` is initialised for signing.
     let rc = unsafe { X509_REQ_sign_ctx(req.as_ptr(), ctx.md) };

@@ -19,8 +19,38 @@ use crate::der;
 use crate::error::SmError;
 use crate::ffi;
 
-/// The SM2 distinguishing ID of GB/T 35276 and RFC 8998 §3.2.1, used for every signature of this crate.
+/// The SM2 distinguishing ID of GB/T 35276 (the default user ID of GM/T 0009), used for every signature of this
+/// module: certificates, CSRs, and [`Sm2Key::sign`]/[`verify`].
 pub const DISTINGUISHING_ID: &[u8; 16] = b"1234567812345678";
+
+/// The SM2 distinguishing ID that RFC 8998 §3.2.1 fixes for TLS 1.3 handshake signatures (CertificateVerify
+/// with `sm2sig_sm3`). Used only by the [`crate::tls`] provider; Tongsuo, GmSSL and Tencent Kona use it too.
+pub const TLS13_DISTINGUISHING_ID: &[u8; 23] = b"TLSv1.3+GM+Cipher+Suite";
+
+/// Which distinguishing ID a signature uses.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum DistId {
+    /// [`DISTINGUISHING_ID`]: certificates, CSRs, general signatures.
+    Standard,
+    /// [`TLS13_DISTINGUISHING_ID`]: TLS 1.3 CertificateVerify.
+    Tls13,
+}
+
+impl DistId {
+    pub(crate) fn bytes(self) -> &'static [u8] {
+        match self {
+            DistId::Standard => DISTINGUISHING_ID,
+            DistId::Tls13 => TLS13_DISTINGUISHING_ID,
+        }
+    }
+
+    pub(crate) fn name(self) -> &'static str {
+        match self {
+            DistId::Standard => "1234567812345678",
+            DistId::Tls13 => "TLSv1.3+GM+Cipher+Suite",
+        }
+    }
+}
 
 /// Length of an uncompressed SM2 public point (`04 || x || y`).
 pub const POINT_LEN: usize = 65;
@@ -120,7 +150,12 @@ impl Sm2Key {
 
     /// SM2-with-SM3 signature of `msg` (DER `SEQUENCE { r, s }`), ID `1234567812345678`.
     pub fn sign(&self, msg: &[u8]) -> Result<Vec<u8>, SmError> {
-        ffi::sign(&self.pkey, msg)
+        ffi::sign(&self.pkey, msg, DistId::Standard)
+    }
+
+    /// SM2-with-SM3 signature with the TLS 1.3 ID `TLSv1.3+GM+Cipher+Suite` (RFC 8998 §3.2.1).
+    pub(crate) fn sign_tls13(&self, msg: &[u8]) -> Result<Vec<u8>, SmError> {
+        ffi::sign(&self.pkey, msg, DistId::Tls13)
     }
 
     /// The OpenSSL key, e.g. for `X509Builder::set_pubkey`.
@@ -133,7 +168,13 @@ impl Sm2Key {
 /// SubjectPublicKeyInfo (DER) or a 65-byte uncompressed point.
 pub fn verify(public_key: &[u8], msg: &[u8], sig: &[u8]) -> Result<(), SmError> {
     let pkey = public_key_from_bytes(public_key)?;
-    ffi::verify(&pkey, msg, sig)
+    ffi::verify(&pkey, msg, sig, DistId::Standard)
+}
+
+/// Checks an SM2-with-SM3 signature with the TLS 1.3 ID `TLSv1.3+GM+Cipher+Suite` (RFC 8998 §3.2.1).
+pub(crate) fn verify_tls13(public_key: &[u8], msg: &[u8], sig: &[u8]) -> Result<(), SmError> {
+    let pkey = public_key_from_bytes(public_key)?;
+    ffi::verify(&pkey, msg, sig, DistId::Tls13)
 }
 
 /// Parses an SM2 public key: SubjectPublicKeyInfo DER, or a 65-byte uncompressed point.
