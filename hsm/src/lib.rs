@@ -27,6 +27,7 @@ pub use pkcs11::{Pkcs11Config, Pkcs11KeyStore};
 pub use software::{load_private_key_pem, SoftwareKeyStore};
 #[cfg(feature = "tpm")]
 pub use tpm::TpmKeyStore;
+pub mod sm;
 
 /// Whether this build has the TPM 2.0 backend (cargo feature `tpm`, which needs libtss2 at build time).
 pub const TPM_SUPPORTED: bool = cfg!(feature = "tpm");
@@ -222,8 +223,10 @@ pub enum SignatureAlgorithm {
     RsaPkcs1Sha384,
     /// RSA-PSS with SHA-256 (salt length = digest length).
     RsaPssSha256,
-    /// SM2 with SM3 (DER signature), distinguishing ID `1234567812345678`.
+    /// SM2 with SM3 (DER signature), distinguishing ID `1234567812345678` (certificates, CSRs, JWTs).
     Sm2Sm3,
+    /// SM2 with SM3, distinguishing ID `TLSv1.3+GM+Cipher+Suite` (TLS 1.3 CertificateVerify, RFC 8998).
+    Sm2Sm3Tls13,
 }
 
 impl SignatureAlgorithm {
@@ -234,7 +237,7 @@ impl SignatureAlgorithm {
             Self::EcdsaP384Sha384 => key_type == KeyType::EcP384,
             Self::Ed25519 => key_type == KeyType::Ed25519,
             Self::RsaPkcs1Sha256 | Self::RsaPkcs1Sha384 | Self::RsaPssSha256 => key_type.is_rsa(),
-            Self::Sm2Sm3 => key_type == KeyType::Sm2,
+            Self::Sm2Sm3 | Self::Sm2Sm3Tls13 => key_type == KeyType::Sm2,
         }
     }
 }
@@ -315,7 +318,10 @@ pub fn verify(
         return Err(HsmError::AlgorithmMismatch { key_type, alg });
     }
     if alg == SignatureAlgorithm::Sm2Sm3 {
-        return verify_sm2(public_key, msg, sig);
+        return sm::verify(public_key, msg, sig).map_err(|_| HsmError::Crypto("signature does not verify"));
+    }
+    if alg == SignatureAlgorithm::Sm2Sm3Tls13 {
+        return verify_sm2_tls13(public_key, msg, sig);
     }
     let algorithm: &'static dyn s::VerificationAlgorithm = match alg {
         SignatureAlgorithm::EcdsaP256Sha256 => &s::ECDSA_P256_SHA256_ASN1,
@@ -324,7 +330,9 @@ pub fn verify(
         SignatureAlgorithm::RsaPkcs1Sha256 => &s::RSA_PKCS1_2048_8192_SHA256,
         SignatureAlgorithm::RsaPkcs1Sha384 => &s::RSA_PKCS1_2048_8192_SHA384,
         SignatureAlgorithm::RsaPssSha256 => &s::RSA_PSS_2048_8192_SHA256,
-        SignatureAlgorithm::Sm2Sm3 => return Err(HsmError::Crypto("SM2 is checked above")),
+        SignatureAlgorithm::Sm2Sm3 | SignatureAlgorithm::Sm2Sm3Tls13 => {
+            return Err(HsmError::Crypto("SM2 is checked above"))
+        }
     };
     s::UnparsedPublicKey::new(algorithm, public_key)
         .verify(msg, sig)
@@ -332,12 +340,13 @@ pub fn verify(
 }
 
 #[cfg(feature = "sm")]
-fn verify_sm2(public_key: &[u8], msg: &[u8], sig: &[u8]) -> Result<(), HsmError> {
-    trustline_sm::sm2::verify(public_key, msg, sig).map_err(|_| HsmError::Crypto("signature does not verify"))
+fn verify_sm2_tls13(public_key: &[u8], msg: &[u8], sig: &[u8]) -> Result<(), HsmError> {
+    trustline_sm::sm2::verify_tls13(public_key, msg, sig)
+        .map_err(|_| HsmError::Crypto("signature does not verify"))
 }
 
 #[cfg(not(feature = "sm"))]
-fn verify_sm2(_: &[u8], _: &[u8], _: &[u8]) -> Result<(), HsmError> {
+fn verify_sm2_tls13(_: &[u8], _: &[u8], _: &[u8]) -> Result<(), HsmError> {
     Err(HsmError::UnsupportedBackend(
         "sm2 (rebuild with --features trustline-hsm/sm; it needs libssl-dev)".into(),
     ))

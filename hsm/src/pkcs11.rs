@@ -552,7 +552,7 @@ impl Signer for Pkcs11Signer {
                 msg.to_vec(),
                 false,
             ),
-            SignatureAlgorithm::Ed25519 | SignatureAlgorithm::Sm2Sm3 => {
+            SignatureAlgorithm::Ed25519 | SignatureAlgorithm::Sm2Sm3 | SignatureAlgorithm::Sm2Sm3Tls13 => {
                 return Err(HsmError::AlgorithmMismatch {
                     key_type: self.key_type,
                     alg,

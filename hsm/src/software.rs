@@ -526,7 +526,10 @@ impl Signer for SoftwareKey {
                 Ok(out)
             }
             #[cfg(feature = "sm")]
-            Inner::Sm2(k) => k.sign(msg).map_err(sm_err),
+            Inner::Sm2(k) => match alg {
+                SignatureAlgorithm::Sm2Sm3Tls13 => crate::sm::sign_tls13(k, msg),
+                _ => k.sign(msg).map_err(sm_err),
+            },
         }
     }
 }

@@ -27,3 +27,5 @@ pub mod sm4gcm;
 pub mod tls;
 
 pub use error::SmError;
+/// The OpenSSL bindings this crate links (for building certificates and CSRs around its SM2 keys).
+pub use openssl;

@@ -154,7 +154,7 @@ impl Sm2Key {
     }
 
     /// SM2-with-SM3 signature with the TLS 1.3 ID `TLSv1.3+GM+Cipher+Suite` (RFC 8998 §3.2.1).
-    pub(crate) fn sign_tls13(&self, msg: &[u8]) -> Result<Vec<u8>, SmError> {
+    pub fn sign_tls13(&self, msg: &[u8]) -> Result<Vec<u8>, SmError> {
         ffi::sign(&self.pkey, msg, DistId::Tls13)
     }
 
@@ -172,7 +172,7 @@ pub fn verify(public_key: &[u8], msg: &[u8], sig: &[u8]) -> Result<(), SmError> 
 }
 
 /// Checks an SM2-with-SM3 signature with the TLS 1.3 ID `TLSv1.3+GM+Cipher+Suite` (RFC 8998 §3.2.1).
-pub(crate) fn verify_tls13(public_key: &[u8], msg: &[u8], sig: &[u8]) -> Result<(), SmError> {
+pub fn verify_tls13(public_key: &[u8], msg: &[u8], sig: &[u8]) -> Result<(), SmError> {
     let pkey = public_key_from_bytes(public_key)?;
     ffi::verify(&pkey, msg, sig, DistId::Tls13)
 }
