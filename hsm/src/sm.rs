@@ -14,7 +14,7 @@ pub const SM2_WITH_SM3_OID: &[u8] = &[0x06, 0x08, 0x2a, 0x81, 0x1c, 0xcf, 0x55, 
 /// Whether a SubjectPublicKeyInfo (DER) holds a key on the SM2 curve.
 pub fn is_sm2_spki(spki: &[u8]) -> bool {
     // SEQUENCE { SEQUENCE { id-ecPublicKey, <curve OID> }, BIT STRING }: the curve OID sits at a fixed place.
-    spki.len() > 25 && spki.get(15..25) == Some(SM2_CURVE_OID)
+    spki.len() > 23 && spki.get(13..23) == Some(SM2_CURVE_OID)
 }
 
 #[cfg_attr(feature = "sm", allow(dead_code))]
