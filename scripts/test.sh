@@ -72,6 +72,10 @@ export TRUSTLINE_TEST_PYTHON="$PWD/$PY_VENV/bin/python"
 export TRUSTLINE_TEST_CHROMIUM=/usr/bin/chromium
 export TRUSTLINE_TEST_SOFTHSM=/usr/lib/softhsm/libsofthsm2.so
 export TRUSTLINE_TEST_SWTPM=1
+# Tongsuo (Ant Group's OpenSSL fork, RFC 8998) is the independent peer of the SM TLS interop test: its command-line
+# tool is built once from the tongsuo-src crate's sources (about 4 minutes on 2 cores) into target/tongsuo.
+echo "== $(sm/scripts/build-tongsuo.sh)"
+export TRUSTLINE_TEST_TONGSUO="${CARGO_TARGET_DIR:-$PWD/target}/tongsuo/bin/openssl"
 # The TPM 2.0 key backend and the national algorithms are cargo features (they link libtss2 and OpenSSL); the
 # tests build with both.
 FEATURES=(--features trustline-hsm/tpm,trustline-hsm/sm)
