@@ -148,8 +148,9 @@ impl Default for StoreSection {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct KeysConfig {
-    /// Key backend: `software` (keys encrypted at rest in the store), `pkcs11` (keys inside a token) or `tpm`
-    /// (keys inside a TPM 2.0; builds with the `trustline-hsm/tpm` feature).
+    /// Key backend: `software` (keys encrypted at rest in the store), `pkcs11` (keys inside a token), `tpm`
+    /// (keys inside a TPM 2.0; builds with the `trustline-hsm/tpm` feature) or `sm2` (an SM-mode trust domain:
+    /// SM2/SM3 certificates, keys sealed with SM4-GCM; builds with the `trustline-hsm/sm` feature).
     #[serde(default = "default_backend")]
     pub backend: String,
     /// `[keys.tpm]`: the TPM, for `backend = "tpm"`.
@@ -383,6 +384,32 @@ impl Config {
             .map_err(|e| invalid("trust_domain", &raw.trust_domain, e.reason))?;
         match raw.keys.backend.as_str() {
             "software" => {}
+            "sm2" => {
+                if !trustline_hsm::SM_SUPPORTED {
+                    return Err(invalid(
+                        "keys.backend",
+                        "sm2",
+                        "this build has no national algorithms: rebuild with --features trustline-hsm/sm (needs libssl-dev)"
+                            .into(),
+                    ));
+                }
+                if !matches!(raw.keys.x509_key_type.as_str(), "sm2" | "ec-p256") {
+                    return Err(invalid(
+                        "keys.x509_key_type",
+                        &raw.keys.x509_key_type,
+                        "with backend = \"sm2\" the X.509 CA key is SM2 (leave it unset or set \"sm2\")"
+                            .into(),
+                    ));
+                }
+                if raw.ca.upstream_cert.is_some() {
+                    return Err(invalid(
+                        "ca.upstream_cert",
+                        "",
+                        "an SM2 CA is a self-signed root here (intermediate mode is not offered with backend = \"sm2\")"
+                            .into(),
+                    ));
+                }
+            }
             "pkcs11" => {
                 let Some(p) = &raw.keys.pkcs11 else {
                     return Err(invalid(
@@ -444,7 +471,7 @@ impl Config {
                 return Err(invalid(
                     "keys.backend",
                     other,
-                    "unsupported backend (known: software, pkcs11, tpm)".into(),
+                    "unsupported backend (known: software, pkcs11, tpm, sm2)".into(),
                 ))
             }
         }
@@ -455,6 +482,17 @@ impl Config {
                 .map_err(|e: trustline_hsm::HsmError| {
                     invalid("keys.x509_key_type", &raw.keys.x509_key_type, e.to_string())
                 })?;
+        let x509_key_type = if raw.keys.backend == "sm2" {
+            KeyType::Sm2
+        } else if x509_key_type == KeyType::Sm2 {
+            return Err(invalid(
+                "keys.x509_key_type",
+                "sm2",
+                "SM2 CA keys come with keys.backend = \"sm2\" (an SM-mode trust domain)".into(),
+            ));
+        } else {
+            x509_key_type
+        };
         let jwt_key_type: KeyType = raw
             .keys
             .jwt_key_type
@@ -462,6 +500,14 @@ impl Config {
             .map_err(|e: trustline_hsm::HsmError| {
                 invalid("keys.jwt_key_type", &raw.keys.jwt_key_type, e.to_string())
             })?;
+        if jwt_key_type == KeyType::Sm2 {
+            return Err(invalid(
+                "keys.jwt_key_type",
+                &raw.keys.jwt_key_type,
+                "JWT-SVIDs allow no SM2 algorithm: SM-mode trust domains sign them with ec-p256 (ES256, the default)"
+                    .into(),
+            ));
+        }
         if jwt_key_type == KeyType::Ed25519 {
             return Err(invalid(
                 "keys.jwt_key_type",

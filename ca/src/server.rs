@@ -126,6 +126,14 @@ pub fn open_keystore(cfg: &Validated) -> Result<KeyStore, ServerError> {
             "no sealing secret for software keys: set keys.key_file or keys.passphrase_file, or {PASSPHRASE_ENV}"
         )));
     };
+    if k.backend == "sm2" {
+        // An SM-mode trust domain: keys at rest under SM4-GCM, and TLS with the SM-only provider.
+        let soft = soft
+            .with_sm4_sealing()
+            .map_err(|e| ServerError::Keys(format!("keys.backend: {e}")))?;
+        trustline_identity::tls::enable_sm().map_err(|e| ServerError::Keys(format!("keys.backend: {e}")))?;
+        return Ok(KeyStore::Software(soft));
+    }
     Ok(KeyStore::Software(soft))
 }
 
@@ -218,24 +226,22 @@ pub struct Running {
 
 /// Issues (or re-issues) the CA's own serving SVID into `cert`.
 async fn refresh_server_cert(ca: &Ca, cert: &RotatingCert) -> Result<i64, ServerError> {
-    let key = rcgen::KeyPair::generate().map_err(|e| ServerError::Keys(e.to_string()))?;
     let id_str = ca_server_id(&ca.td);
     let id = parse_spiffe_id("ca id", &id_str).map_err(crate::service::CaError::from)?;
-    let mut params =
-        rcgen::CertificateParams::new(Vec::<String>::new()).map_err(|e| ServerError::Keys(e.to_string()))?;
-    params.subject_alt_names = vec![rcgen::SanType::URI(
-        id_str
-            .clone()
-            .try_into()
-            .map_err(|e: rcgen::Error| ServerError::Keys(e.to_string()))?,
-    )];
-    let csr = params
-        .serialize_request(&key)
-        .map_err(|e| ServerError::Keys(e.to_string()))?;
+    let (csr, key_der) = if trustline_identity::tls::sm_enabled() {
+        let key = zeroize::Zeroizing::new(
+            trustline_hsm::sm::generate_pkcs8().map_err(|e| ServerError::Keys(e.to_string()))?,
+        );
+        let csr = trustline_hsm::sm::csr(&key, std::slice::from_ref(&id_str), None)
+            .map_err(|e| ServerError::Keys(e.to_string()))?;
+        (csr, key)
+    } else {
+        classic_server_csr(&id_str)?
+    };
     let mut out = ca
         .issue_x509(
             vec![X509Request {
-                csr: csr.der().to_vec(),
+                csr,
                 spiffe_id: id,
                 dns_names: Vec::new(),
                 ttl: ca.defaults.x509_ttl,
@@ -246,8 +252,25 @@ async fn refresh_server_cert(ca: &Ca, cert: &RotatingCert) -> Result<i64, Server
     let svid = out
         .pop()
         .ok_or_else(|| ServerError::Serve("no server SVID".into()))??;
-    cert.set(svid.chain.clone(), &key.serialize_der())?;
+    cert.set(svid.chain.clone(), &key_der)?;
     Ok(svid.not_after)
+}
+
+/// A P-256 key (PKCS#8) and a CSR for the CA's serving SVID.
+fn classic_server_csr(id_str: &str) -> Result<(Vec<u8>, zeroize::Zeroizing<Vec<u8>>), ServerError> {
+    let key = rcgen::KeyPair::generate().map_err(|e| ServerError::Keys(e.to_string()))?;
+    let mut params =
+        rcgen::CertificateParams::new(Vec::<String>::new()).map_err(|e| ServerError::Keys(e.to_string()))?;
+    params.subject_alt_names = vec![rcgen::SanType::URI(
+        id_str
+            .to_owned()
+            .try_into()
+            .map_err(|e: rcgen::Error| ServerError::Keys(e.to_string()))?,
+    )];
+    let csr = params
+        .serialize_request(&key)
+        .map_err(|e| ServerError::Keys(e.to_string()))?;
+    Ok((csr.der().to_vec(), zeroize::Zeroizing::new(key.serialize_der())))
 }
 
 /// Starts everything; returns once listeners are bound, with a future that runs until `shutdown` resolves.

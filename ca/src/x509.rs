@@ -61,12 +61,87 @@ pub struct HsmKey {
     last_error: Arc<std::sync::Mutex<Option<String>>>,
 }
 
+/// SM2 certificates through rcgen. rcgen knows no SM2, so an SM2 key stands in as a P-256 key while rcgen lays
+/// out the certificate; the OIDs are then rewritten in place: `ecdsa-with-SHA256` -> `SM2-with-SM3` and, in
+/// SM2 public keys, `prime256v1` -> `sm2` (each pair has the same DER length, so no length changes). The
+/// to-be-signed bytes are rewritten before they are signed (SM2-with-SM3, ID `1234567812345678`), and the finished
+/// certificate the same way, so what was signed is exactly the certificate's TBS. One profile, SVID rules
+/// included, serves both modes.
+mod sm2_rewrite {
+    /// `AlgorithmIdentifier { ecdsa-with-SHA256 }` as rcgen writes it.
+    const ECDSA_SHA256: &[u8] = &[
+        0x30, 0x0a, 0x06, 0x08, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x04, 0x03, 0x02,
+    ];
+    /// `AlgorithmIdentifier { SM2-with-SM3 }` (1.2.156.10197.1.501, no parameters).
+    const SM2_SM3: &[u8] = &[
+        0x30, 0x0a, 0x06, 0x08, 0x2a, 0x81, 0x1c, 0xcf, 0x55, 0x01, 0x83, 0x75,
+    ];
+    /// `AlgorithmIdentifier { id-ecPublicKey, prime256v1 }`.
+    const P256_KEY: &[u8] = &[
+        0x30, 0x13, 0x06, 0x07, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x02, 0x01, 0x06, 0x08, 0x2a, 0x86, 0x48, 0xce,
+        0x3d, 0x03, 0x01, 0x07,
+    ];
+    /// `AlgorithmIdentifier { id-ecPublicKey, sm2 }` (1.2.156.10197.1.301).
+    const SM2_KEY: &[u8] = &[
+        0x30, 0x13, 0x06, 0x07, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x02, 0x01, 0x06, 0x08, 0x2a, 0x81, 0x1c, 0xcf,
+        0x55, 0x01, 0x82, 0x2d,
+    ];
+
+    fn replace_all(buf: &mut [u8], from: &[u8], to: &[u8]) {
+        let mut i = 0;
+        while i + from.len() <= buf.len() {
+            if &buf[i..i + from.len()] == from {
+                buf[i..i + from.len()].copy_from_slice(to);
+                i += from.len();
+            } else {
+                i += 1;
+            }
+        }
+    }
+
+    /// Rewrites the algorithm identifiers of a TBSCertificate (or of the part of a certificate before its
+    /// signature value).
+    pub(super) fn rewrite(buf: &mut [u8]) {
+        replace_all(buf, ECDSA_SHA256, SM2_SM3);
+        replace_all(buf, P256_KEY, SM2_KEY);
+    }
+
+    /// The length of a DER header (tag + length octets) at the start of `der`, and the content length.
+    fn header(der: &[u8]) -> Option<(usize, usize)> {
+        let first = *der.get(1)?;
+        if first < 0x80 {
+            return Some((2, usize::from(first)));
+        }
+        let n = usize::from(first & 0x7f);
+        if n == 0 || n > 3 {
+            return None;
+        }
+        let mut len = 0usize;
+        for b in der.get(2..2 + n)? {
+            len = (len << 8) | usize::from(*b);
+        }
+        Some((2 + n, len))
+    }
+
+    /// Rewrites a finished certificate: its TBSCertificate and its signatureAlgorithm, not its signature value.
+    pub(super) fn finish(mut der: Vec<u8>) -> Option<Vec<u8>> {
+        let (outer_hdr, _) = header(&der)?;
+        let (tbs_hdr, tbs_len) = header(der.get(outer_hdr..)?)?;
+        let tbs_end = outer_hdr + tbs_hdr + tbs_len;
+        let (alg_hdr, alg_len) = header(der.get(tbs_end..)?)?;
+        let alg_end = tbs_end + alg_hdr + alg_len;
+        rewrite(der.get_mut(outer_hdr..alg_end)?);
+        Some(der)
+    }
+}
+
 impl HsmKey {
     /// Wraps `signer`, signing certificates with its key type's default algorithm.
     pub fn new(signer: Arc<dyn Signer>) -> Self {
         let alg = signer.key_type().default_x509_algorithm();
         let rcgen_alg = match signer.key_type() {
-            KeyType::EcP256 => &rcgen::PKCS_ECDSA_P256_SHA256,
+            // Stands in for SM2 while rcgen lays out the certificate (see `sm2_rewrite`).
+            KeyType::EcP256 | KeyType::Sm2 => &rcgen::PKCS_ECDSA_P256_SHA256,
             KeyType::EcP384 => &rcgen::PKCS_ECDSA_P384_SHA384,
             KeyType::Ed25519 => &rcgen::PKCS_ED25519,
             _ => &rcgen::PKCS_RSA_SHA256,
@@ -77,6 +152,20 @@ impl HsmKey {
             rcgen_alg,
             last_error: Arc::default(),
         }
+    }
+
+    /// Whether this key signs SM2 certificates.
+    pub fn is_sm2(&self) -> bool {
+        self.alg == SignatureAlgorithm::Sm2Sm3
+    }
+
+    /// A certificate rcgen made with this key as issuer, in final form (SM2 OIDs rewritten for an SM2 key).
+    fn finish(&self, der: &[u8]) -> Result<Vec<u8>, X509Error> {
+        if !self.is_sm2() {
+            return Ok(der.to_vec());
+        }
+        sm2_rewrite::finish(der.to_vec())
+            .ok_or_else(|| X509Error::Generate("SM2 certificate: unexpected DER layout".into()))
     }
 
     /// Turns an rcgen failure into an error that says why the key could not sign, when that was the cause.
@@ -102,6 +191,15 @@ impl PublicKeyData for HsmKey {
 
 impl SigningKey for HsmKey {
     fn sign(&self, msg: &[u8]) -> Result<Vec<u8>, rcgen::Error> {
+        let rewritten;
+        let msg = if self.is_sm2() {
+            let mut tbs = msg.to_vec();
+            sm2_rewrite::rewrite(&mut tbs);
+            rewritten = tbs;
+            &rewritten[..]
+        } else {
+            msg
+        };
         self.signer.sign(self.alg, msg).map_err(|e| {
             *self.last_error.lock().unwrap_or_else(|p| p.into_inner()) = Some(e.to_string());
             rcgen::Error::RemoteKeyError
@@ -174,7 +272,7 @@ pub fn self_signed_ca(key: &HsmKey, spec: &CaCertSpec<'_>) -> Result<(Vec<u8>, S
     let (mut params, hex) = ca_params(spec)?;
     params.use_authority_key_identifier_extension = false;
     let cert = params.self_signed(key).map_err(|e| key.explain(e))?;
-    Ok((cert.der().to_vec(), hex))
+    Ok((key.finish(cert.der())?, hex))
 }
 
 /// An intermediate CA certificate for `key`, signed by the upstream CA. Returns (DER, serial hex).
@@ -184,6 +282,12 @@ pub fn intermediate_ca(
     upstream: &Issuer<'static, HsmKey>,
 ) -> Result<(Vec<u8>, String), X509Error> {
     let (params, hex) = ca_params(spec)?;
+    if key.is_sm2() {
+        return Err(X509Error::Generate(
+            "an SM2 CA cannot be an intermediate under an upstream CA here (use a self-signed SM2 root)"
+                .into(),
+        ));
+    }
     let cert = params.signed_by(key, upstream).map_err(|e| key.explain(e))?;
     Ok((cert.der().to_vec(), hex))
 }
@@ -225,7 +329,71 @@ impl SigningCa {
 
 /// A validated CSR: its public key, to be certified under names the CA chooses.
 pub struct ValidCsr {
-    csr: CertificateSigningRequestParams,
+    key: CsrKey,
+    sans: Vec<SanType>,
+}
+
+enum CsrKey {
+    /// A key rcgen knows (ECDSA, Ed25519, RSA).
+    Classic(rcgen::PublicKey),
+    /// An SM2 public point (65 bytes): certified by SM2 CAs only.
+    Sm2(Vec<u8>),
+}
+
+/// An SM2 subject key, laid out by rcgen as a P-256 key and rewritten (see `sm2_rewrite`).
+struct Sm2Subject<'a>(&'a [u8]);
+
+impl PublicKeyData for Sm2Subject<'_> {
+    fn der_bytes(&self) -> &[u8] {
+        self.0
+    }
+
+    fn algorithm(&self) -> &'static rcgen::SignatureAlgorithm {
+        &rcgen::PKCS_ECDSA_P256_SHA256
+    }
+}
+
+impl ValidCsr {
+    /// Whether the CSR's key is SM2.
+    pub fn is_sm2(&self) -> bool {
+        matches!(self.key, CsrKey::Sm2(_))
+    }
+}
+
+/// Parses and verifies an SM2 CSR (SM2-with-SM3, ID `1234567812345678`).
+fn parse_sm2_csr(der: &[u8]) -> Result<ValidCsr, X509Error> {
+    use x509_parser::extensions::{GeneralName, ParsedExtension};
+    use x509_parser::prelude::FromDer;
+    let (_, req) = x509_parser::certification_request::X509CertificationRequest::from_der(der)
+        .map_err(|_| X509Error::Csr("not a parseable PKCS#10 CSR".into()))?;
+    trustline_hsm::sm::verify_csr(der).map_err(|e| X509Error::Csr(format!("SM2 signature: {e}")))?;
+    let point = req
+        .certification_request_info
+        .subject_pki
+        .subject_public_key
+        .data
+        .to_vec();
+    let mut sans = Vec::new();
+    for ext in req.requested_extensions().into_iter().flatten() {
+        match ext {
+            ParsedExtension::SubjectAlternativeName(san) => {
+                for name in &san.general_names {
+                    sans.push(match name {
+                        GeneralName::URI(u) => SanType::URI((*u).try_into().map_err(gen_err)?),
+                        GeneralName::DNSName(d) => SanType::DnsName((*d).try_into().map_err(gen_err)?),
+                        GeneralName::RFC822Name(m) => SanType::Rfc822Name((*m).try_into().map_err(gen_err)?),
+                        other => return Err(X509Error::Csr(format!("SAN {other:?} is not accepted"))),
+                    });
+                }
+            }
+            ParsedExtension::BasicConstraints(bc) if bc.ca => return Err(X509Error::CsrIsCa),
+            _ => {}
+        }
+    }
+    Ok(ValidCsr {
+        key: CsrKey::Sm2(point),
+        sans,
+    })
 }
 
 /// Parses a PKCS#10 CSR, verifies its self-signature and checks it asks for nothing beyond `spiffe_id` and
@@ -238,6 +406,12 @@ pub fn check_csr(der: &[u8], spiffe_id: &str, allowed_dns: &[String]) -> Result<
 
 /// Parses and verifies a CSR without checking its SANs yet (see [`check_csr_sans`]).
 pub fn parse_csr(der: &[u8]) -> Result<ValidCsr, X509Error> {
+    use x509_parser::prelude::FromDer;
+    if let Ok((_, req)) = x509_parser::certification_request::X509CertificationRequest::from_der(der) {
+        if trustline_hsm::sm::is_sm2_spki(req.certification_request_info.subject_pki.raw) {
+            return parse_sm2_csr(der);
+        }
+    }
     let csr = CertificateSigningRequestParams::from_der(&der.into()).map_err(|e| {
         X509Error::Csr(match e {
             rcgen::Error::CouldNotParseCertificationRequest => "not a parseable PKCS#10 CSR".into(),
@@ -249,12 +423,15 @@ pub fn parse_csr(der: &[u8]) -> Result<ValidCsr, X509Error> {
     if matches!(csr.params.is_ca, IsCa::Ca(_)) {
         return Err(X509Error::CsrIsCa);
     }
-    Ok(ValidCsr { csr })
+    Ok(ValidCsr {
+        sans: csr.params.subject_alt_names,
+        key: CsrKey::Classic(csr.public_key),
+    })
 }
 
 /// Checks the SANs of a parsed CSR against what the entry grants.
 pub fn check_csr_sans(csr: &ValidCsr, spiffe_id: &str, allowed_dns: &[String]) -> Result<(), X509Error> {
-    for san in &csr.csr.params.subject_alt_names {
+    for san in &csr.sans {
         let ok = match san {
             SanType::URI(u) => u.as_str() == spiffe_id,
             SanType::DnsName(d) => allowed_dns.iter().any(|a| a.eq_ignore_ascii_case(d.as_str())),
@@ -279,9 +456,7 @@ pub fn check_csr_sans(csr: &ValidCsr, spiffe_id: &str, allowed_dns: &[String]) -
 
 /// The URI SANs a CSR asks for (used to check an agent's CSR once its ID is known).
 pub fn csr_uri_sans(csr: &ValidCsr) -> Vec<String> {
-    csr.csr
-        .params
-        .subject_alt_names
+    csr.sans
         .iter()
         .filter_map(|s| match s {
             SanType::URI(u) => Some(u.as_str().to_owned()),
@@ -341,11 +516,23 @@ pub fn sign_svid(
     params.not_before = to_time(now - BACKDATE.as_secs() as i64)?;
     params.not_after = to_time(not_after)?;
     params.use_authority_key_identifier_extension = true;
-    let cert = params
-        .signed_by(&csr.csr.public_key, &ca.issuer)
-        .map_err(|e| ca.key.explain(e))?;
+    let cert = match (&csr.key, ca.key.is_sm2()) {
+        (CsrKey::Classic(k), false) => params.signed_by(k, &ca.issuer),
+        (CsrKey::Sm2(point), true) => params.signed_by(&Sm2Subject(point), &ca.issuer),
+        (CsrKey::Classic(_), true) => {
+            return Err(X509Error::Csr(
+                "this trust domain uses the national algorithms: the CSR's key must be SM2".into(),
+            ))
+        }
+        (CsrKey::Sm2(_), false) => {
+            return Err(X509Error::Csr(
+                "an SM2 key needs an SM-mode CA (keys.backend = \"sm2\")".into(),
+            ))
+        }
+    }
+    .map_err(|e| ca.key.explain(e))?;
     let mut chain = Vec::with_capacity(2 + ca.chain_above.len());
-    chain.push(cert.der().to_vec());
+    chain.push(ca.key.finish(cert.der())?);
     if !ca.is_root {
         chain.push(ca.cert_der.clone());
         chain.extend(ca.chain_above.iter().cloned());

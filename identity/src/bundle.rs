@@ -115,6 +115,9 @@ pub fn jwk_from_spki(
             let (crv, len) = match curve_oid.as_str() {
                 "1.2.840.10045.3.1.7" => ("P-256", 32),
                 "1.3.132.0.34" => ("P-384", 48),
+                // No JOSE registration exists for SM2; SM-mode bundles name the curve "SM2" (as GmSSL and
+                // Tongsuo's JOSE code do) and carry the certificate in x5c, which is what X.509 consumers use.
+                "1.2.156.10197.1.301" => ("SM2", 32),
                 other => return Err(BundleError::PublicKey(format!("unsupported EC curve {other}"))),
             };
             let data = point.data();

@@ -29,6 +29,9 @@ pub enum TlsError {
     /// The private key could not be loaded.
     #[error("private key: {0}")]
     Key(String),
+    /// The trust domain uses the national algorithms and this build cannot.
+    #[error("SM mode: {0}")]
+    Sm(String),
     /// A bundle certificate is not a usable trust anchor.
     #[error("trust bundle certificate #{index}: {reason}")]
     Anchor {
@@ -134,10 +137,47 @@ static PROVIDER: std::sync::LazyLock<Arc<CryptoProvider>> = std::sync::LazyLock:
     Arc::new(p)
 });
 
+/// The SM-only provider, once this process has met an SM2 trust domain.
+static SM_PROVIDER: std::sync::OnceLock<Arc<CryptoProvider>> = std::sync::OnceLock::new();
+
 /// The crypto provider every Trustline TLS endpoint uses: aws-lc-rs, key exchange preferring the hybrid
-/// post-quantum X25519MLKEM768, then X25519, P-256, P-384.
+/// post-quantum X25519MLKEM768, then X25519, P-256, P-384; or, in a process of an SM-mode trust domain (see
+/// [`enable_sm`]), the SM-only provider of RFC 8998 (`TLS_SM4_GCM_SM3`, curveSM2, `sm2sig_sm3`).
 pub fn provider() -> Arc<CryptoProvider> {
-    PROVIDER.clone()
+    SM_PROVIDER.get().cloned().unwrap_or_else(|| PROVIDER.clone())
+}
+
+/// Switches this process to the SM-only TLS provider. A trust domain is SM or not, so is a process: this happens
+/// on its own when a bundle root or an SVID key is SM2 ([`TrustBundle::new`], [`RotatingCert::set`]), before any
+/// TLS configuration is built from them. Fails in builds without the `sm` feature.
+pub fn enable_sm() -> Result<(), TlsError> {
+    if SM_PROVIDER.get().is_none() {
+        let p = trustline_hsm::sm::tls_provider().map_err(|e| TlsError::Sm(e.to_string()))?;
+        let _ = SM_PROVIDER.set(Arc::new(p));
+    }
+    Ok(())
+}
+
+/// Whether this process speaks SM TLS.
+pub fn sm_enabled() -> bool {
+    SM_PROVIDER.get().is_some()
+}
+
+/// Whether a DER certificate carries an SM2 public key.
+pub fn is_sm2_cert(der: &[u8]) -> bool {
+    x509_parser::parse_x509_certificate(der)
+        .map(|(_, c)| trustline_hsm::sm::is_sm2_spki(c.tbs_certificate.subject_pki.raw))
+        .unwrap_or(false)
+}
+
+/// Whether a PKCS#8 private key is an SM2 key (its algorithm parameters name the SM2 curve).
+fn is_sm2_pkcs8(der: &[u8]) -> bool {
+    // PrivateKeyInfo { version, AlgorithmIdentifier { id-ecPublicKey, curve }, ... }: look for the curve OID in the
+    // AlgorithmIdentifier, which comes within the first 30 bytes.
+    der.len() > 30
+        && der[..30]
+            .windows(trustline_hsm::sm::SM2_CURVE_OID.len())
+            .any(|w| w == trustline_hsm::sm::SM2_CURVE_OID)
 }
 
 /// Why a peer's certificate (or handshake) was refused, as a short stable label for metrics and logs.
@@ -256,6 +296,9 @@ fn anchors_from(certs: &[Vec<u8>]) -> Result<Vec<TrustAnchor<'static>>, TlsError
 impl TrustBundle {
     /// A bundle for `trust_domain` holding the given DER root certificates.
     pub fn new(trust_domain: TrustDomain, roots: &[Vec<u8>]) -> Result<Self, TlsError> {
+        if roots.iter().any(|r| is_sm2_cert(r)) {
+            enable_sm()?;
+        }
         let anchors = anchors_from(roots)?;
         Ok(Self {
             inner: Arc::new(RwLock::new(Arc::new(Anchors {
@@ -381,6 +424,9 @@ impl fmt::Debug for RotatingCert {
 impl RotatingCert {
     /// Installs a new chain (leaf first) and its PKCS#8 private key for all later handshakes.
     pub fn set(&self, chain: Vec<Vec<u8>>, pkcs8_key: &[u8]) -> Result<(), TlsError> {
+        if is_sm2_pkcs8(pkcs8_key) {
+            enable_sm()?;
+        }
         let key = PrivateKeyDer::Pkcs8(pkcs8_key.to_vec().into());
         let signing = provider()
             .key_provider
@@ -395,6 +441,11 @@ impl RotatingCert {
     /// Installs a new chain whose private key lives behind an `hsm` [`trustline_hsm::Signer`] (software,
     /// TPM or PKCS#11: the key never has to leave its backend).
     pub fn set_signer(&self, chain: Vec<Vec<u8>>, signer: Arc<dyn trustline_hsm::Signer>) {
+        // An SM2 key in the backend needs the SM provider, which its key type requires at build time; a build
+        // without it made no SM2 key, so there is nothing to switch.
+        if signer.key_type() == trustline_hsm::KeyType::Sm2 {
+            let _ = enable_sm();
+        }
         let chain: Vec<CertificateDer<'static>> = chain.into_iter().map(CertificateDer::from).collect();
         let ck = Arc::new(CertifiedKey::new(chain, Arc::new(HsmSigningKey(signer))));
         *self.current.write().unwrap_or_else(|p| p.into_inner()) = Some(ck);
@@ -738,6 +789,7 @@ impl rustls::sign::SigningKey for HsmSigningKey {
             KeyType::EcP256 => &[(SignatureScheme::ECDSA_NISTP256_SHA256, A::EcdsaP256Sha256)],
             KeyType::EcP384 => &[(SignatureScheme::ECDSA_NISTP384_SHA384, A::EcdsaP384Sha384)],
             KeyType::Ed25519 => &[(SignatureScheme::ED25519, A::Ed25519)],
+            KeyType::Sm2 => &[(SignatureScheme::Unknown(0x0708), A::Sm2Sm3Tls13)],
             // TLS 1.3 allows only RSA-PSS for RSA keys.
             _ => &[(SignatureScheme::RSA_PSS_SHA256, A::RsaPssSha256)],
         };
@@ -759,6 +811,8 @@ impl rustls::sign::SigningKey for HsmSigningKey {
                 rustls::SignatureAlgorithm::ECDSA
             }
             trustline_hsm::KeyType::Ed25519 => rustls::SignatureAlgorithm::ED25519,
+            // SM2 is an elliptic-curve signature; rustls uses this only to pick TLS 1.2 suites.
+            trustline_hsm::KeyType::Sm2 => rustls::SignatureAlgorithm::ECDSA,
             _ => rustls::SignatureAlgorithm::RSA,
         }
     }

@@ -1,0 +1,239 @@
+//! An SM-mode trust domain (`keys.backend = "sm2"`): the CA's certificates and the X.509-SVIDs it issues are SM2
+//! keys signed SM2-with-SM3 with the distinguishing ID `1234567812345678`, checked by an independent tool (Debian's
+//! `openssl` command line); CSRs are made by that tool too; JWT-SVIDs stay ES256 (JOSE has no SM2 algorithm).
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::path::Path;
+use std::process::Command;
+
+use trustline_tests::{default_config, Ca};
+
+const ID: &str = "1234567812345678";
+
+fn openssl(args: &[&str], dir: &Path) -> std::process::Output {
+    Command::new("openssl")
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .unwrap()
+}
+
+fn openssl_ok(args: &[&str], dir: &Path) -> String {
+    let out = openssl(args, dir);
+    assert!(
+        out.status.success(),
+        "openssl {args:?}: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// An SM2 key and a DER CSR for `spiffe://example.org/<name>`, both made by the openssl CLI, signed with the
+/// standard ID.
+fn sm2_csr(dir: &Path, name: &str) -> std::path::PathBuf {
+    let key = format!("{name}.key");
+    openssl_ok(&["genpkey", "-algorithm", "SM2", "-out", &key], dir);
+    let csr = format!("{name}.csr");
+    openssl_ok(
+        &[
+            "req",
+            "-new",
+            "-key",
+            &key,
+            "-sm3",
+            "-sigopt",
+            &format!("distid:{ID}"),
+            "-subj",
+            "/O=sm-test",
+            "-addext",
+            &format!("subjectAltName=URI:spiffe://example.org/{name}"),
+            "-outform",
+            "DER",
+            "-out",
+            &csr,
+        ],
+        dir,
+    );
+    dir.join(csr)
+}
+
+fn mint(ca: &Ca, csr: &Path, name: &str, out: &Path) -> std::process::Output {
+    ca.cli(&[
+        "x509",
+        "mint",
+        "--csr",
+        csr.to_str().unwrap(),
+        "--spiffe-id",
+        &format!("spiffe://example.org/{name}"),
+        "--write",
+        out.to_str().unwrap(),
+    ])
+}
+
+#[test]
+fn an_sm_mode_ca_issues_sm2_svids_that_openssl_verifies() {
+    if !trustline_hsm::SM_SUPPORTED {
+        println!("skipped: build with --features trustline-hsm/sm (scripts/test.sh does)");
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("ca");
+    let cfg = default_config(&dir).replace("[keys]\n", "[keys]\nbackend = \"sm2\"\n");
+    let ca = Ca::start_with(&dir, &cfg);
+    let work = tmp.path();
+
+    // The bundle root is an SM2 certificate, self-signed SM2-with-SM3.
+    std::fs::write(
+        work.join("bundle.pem"),
+        ca.cli_ok(&["bundle", "show", "--format", "pem"]),
+    )
+    .unwrap();
+    let text = openssl_ok(&["x509", "-in", "bundle.pem", "-noout", "-text"], work);
+    assert!(text.contains("Signature Algorithm: SM2-with-SM3"), "{text}");
+    assert!(text.contains("ASN1 OID: SM2"), "{text}");
+    // `openssl verify` does not apply -vfyopt to a root's self-signature: check it with pkeyutl over the TBS.
+    let root = trustline_identity::bundle::certs_from_pem(
+        &std::fs::read_to_string(work.join("bundle.pem")).unwrap(),
+    )
+    .unwrap()
+    .remove(0);
+    let (_, parsed) = x509_parser::parse_x509_certificate(&root).unwrap();
+    std::fs::write(work.join("root.tbs"), parsed.tbs_certificate.as_ref()).unwrap();
+    std::fs::write(work.join("root.sig"), parsed.signature_value.data.as_ref()).unwrap();
+    openssl_ok(
+        &[
+            "x509",
+            "-in",
+            "bundle.pem",
+            "-pubkey",
+            "-noout",
+            "-out",
+            "root.pub",
+        ],
+        work,
+    );
+    let pkeyutl = |id: Option<&str>| {
+        let mut args = vec![
+            "pkeyutl", "-verify", "-rawin", "-digest", "sm3", "-pubin", "-inkey", "root.pub", "-in",
+            "root.tbs", "-sigfile", "root.sig",
+        ];
+        let opt = id.map(|i| format!("distid:{i}"));
+        if let Some(o) = &opt {
+            args.extend(["-pkeyopt", o.as_str()]);
+        }
+        openssl(&args, work).status.success()
+    };
+    assert!(
+        pkeyutl(Some(ID)),
+        "the root's self-signature must verify with ID {ID}"
+    );
+    assert!(!pkeyutl(None), "and not with openssl's default (empty) ID");
+
+    // An SVID from an SM2 CSR made by openssl: openssl verifies it with the standard ID, and only with it.
+    let csr = sm2_csr(work, "web");
+    let out = work.join("web-svid");
+    let o = mint(&ca, &csr, "web", &out);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let svid = out.join("svid.pem");
+    let svid = svid.to_str().unwrap();
+    let text = openssl_ok(&["x509", "-in", svid, "-noout", "-text"], work);
+    assert!(text.contains("Signature Algorithm: SM2-with-SM3"), "{text}");
+    assert!(text.contains("ASN1 OID: SM2"), "{text}");
+    assert!(text.contains("URI:spiffe://example.org/web"), "{text}");
+    assert!(text.contains("CA:FALSE"), "{text}");
+    let ok = openssl_ok(
+        &[
+            "verify",
+            "-vfyopt",
+            &format!("distid:{ID}"),
+            "-CAfile",
+            "bundle.pem",
+            svid,
+        ],
+        work,
+    );
+    assert!(ok.contains(": OK"), "{ok}");
+    let wrong_id = openssl(&["verify", "-CAfile", "bundle.pem", svid], work);
+    assert!(
+        !wrong_id.status.success(),
+        "an empty ID must not verify: the signature is bound to 1234567812345678"
+    );
+    // It is an X.509-SVID by the SPIFFE rules (the same checks as for classic SVIDs).
+    let chain = trustline_identity::bundle::certs_from_pem(&std::fs::read_to_string(svid).unwrap()).unwrap();
+    assert_eq!(
+        trustline_identity::tls::svid_leaf_id(&chain[0])
+            .unwrap()
+            .to_string(),
+        "spiffe://example.org/web"
+    );
+
+    // A classic key has no place in an SM-mode trust domain, and the refusal says so.
+    let (_, p256) = trustline_tests::csr(&["spiffe://example.org/p256"], &[]);
+    std::fs::write(work.join("p256.der"), p256).unwrap();
+    let o = mint(&ca, &work.join("p256.der"), "p256", &work.join("p256"));
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("must be SM2"), "{err}");
+    // A CSR signed with the wrong ID (openssl's default, empty) is refused: its signature does not verify.
+    openssl_ok(&["genpkey", "-algorithm", "SM2", "-out", "noid.key"], work);
+    openssl_ok(
+        &[
+            "req",
+            "-new",
+            "-key",
+            "noid.key",
+            "-sm3",
+            "-subj",
+            "/O=x",
+            "-addext",
+            "subjectAltName=URI:spiffe://example.org/noid",
+            "-outform",
+            "DER",
+            "-out",
+            "noid.csr",
+        ],
+        work,
+    );
+    let o = mint(&ca, &work.join("noid.csr"), "noid", &work.join("noid"));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.contains("SM2 signature"), "{err}");
+
+    // JWT-SVIDs stay ES256: JOSE registers no SM2 algorithm.
+    let token = ca.cli_ok(&[
+        "jwt",
+        "mint",
+        "--spiffe-id",
+        "spiffe://example.org/web",
+        "--audience",
+        "pay",
+    ]);
+    let header = jsonwebtoken::decode_header(token.trim()).unwrap();
+    assert_eq!(header.alg, jsonwebtoken::Algorithm::ES256);
+
+    // A rotation makes a new SM2 CA key; SVIDs from it verify with openssl against the new bundle.
+    ca.cli_ok(&["ca", "rotate"]);
+    ca.cli_ok(&["ca", "rotate"]);
+    std::fs::write(
+        work.join("bundle2.pem"),
+        ca.cli_ok(&["bundle", "show", "--format", "pem"]),
+    )
+    .unwrap();
+    let csr = sm2_csr(work, "api");
+    let out = work.join("api-svid");
+    let o = mint(&ca, &csr, "api", &out);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let ok = openssl_ok(
+        &[
+            "verify",
+            "-vfyopt",
+            &format!("distid:{ID}"),
+            "-CAfile",
+            "bundle2.pem",
+            out.join("svid.pem").to_str().unwrap(),
+        ],
+        work,
+    );
+    assert!(ok.contains(": OK"), "{ok}");
+}
