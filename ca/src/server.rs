@@ -232,7 +232,7 @@ async fn refresh_server_cert(ca: &Ca, cert: &RotatingCert) -> Result<i64, Server
         let key = zeroize::Zeroizing::new(
             trustline_hsm::sm::generate_pkcs8().map_err(|e| ServerError::Keys(e.to_string()))?,
         );
-        let csr = trustline_hsm::sm::csr(&key, std::slice::from_ref(&id_str), None)
+        let csr = trustline_hsm::sm::csr(&key, std::slice::from_ref(&id_str), &[], None)
             .map_err(|e| ServerError::Keys(e.to_string()))?;
         (csr, key)
     } else {

@@ -61,86 +61,12 @@ pub struct HsmKey {
     last_error: Arc<std::sync::Mutex<Option<String>>>,
 }
 
-/// SM2 certificates through rcgen. rcgen knows no SM2, so an SM2 key stands in as a P-256 key while rcgen lays
-/// out the certificate; the OIDs are then rewritten in place: `ecdsa-with-SHA256` -> `SM2-with-SM3` and, in
-/// SM2 public keys, `prime256v1` -> `sm2` (each pair has the same DER length, so no length changes). The
-/// to-be-signed bytes are rewritten before they are signed (SM2-with-SM3, ID `1234567812345678`), and the finished
-/// certificate the same way, so what was signed is exactly the certificate's TBS. One profile, SVID rules
-/// included, serves both modes.
-mod sm2_rewrite {
-    /// `AlgorithmIdentifier { ecdsa-with-SHA256 }` as rcgen writes it.
-    const ECDSA_SHA256: &[u8] = &[
-        0x30, 0x0a, 0x06, 0x08, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x04, 0x03, 0x02,
-    ];
-    /// `AlgorithmIdentifier { SM2-with-SM3 }` (1.2.156.10197.1.501, no parameters).
-    const SM2_SM3: &[u8] = &[
-        0x30, 0x0a, 0x06, 0x08, 0x2a, 0x81, 0x1c, 0xcf, 0x55, 0x01, 0x83, 0x75,
-    ];
-    /// `AlgorithmIdentifier { id-ecPublicKey, prime256v1 }`.
-    const P256_KEY: &[u8] = &[
-        0x30, 0x13, 0x06, 0x07, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x02, 0x01, 0x06, 0x08, 0x2a, 0x86, 0x48, 0xce,
-        0x3d, 0x03, 0x01, 0x07,
-    ];
-    /// `AlgorithmIdentifier { id-ecPublicKey, sm2 }` (1.2.156.10197.1.301).
-    const SM2_KEY: &[u8] = &[
-        0x30, 0x13, 0x06, 0x07, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x02, 0x01, 0x06, 0x08, 0x2a, 0x81, 0x1c, 0xcf,
-        0x55, 0x01, 0x82, 0x2d,
-    ];
-
-    fn replace_all(buf: &mut [u8], from: &[u8], to: &[u8]) {
-        let mut i = 0;
-        while i + from.len() <= buf.len() {
-            if &buf[i..i + from.len()] == from {
-                buf[i..i + from.len()].copy_from_slice(to);
-                i += from.len();
-            } else {
-                i += 1;
-            }
-        }
-    }
-
-    /// Rewrites the algorithm identifiers of a TBSCertificate (or of the part of a certificate before its
-    /// signature value).
-    pub(super) fn rewrite(buf: &mut [u8]) {
-        replace_all(buf, ECDSA_SHA256, SM2_SM3);
-        replace_all(buf, P256_KEY, SM2_KEY);
-    }
-
-    /// The length of a DER header (tag + length octets) at the start of `der`, and the content length.
-    fn header(der: &[u8]) -> Option<(usize, usize)> {
-        let first = *der.get(1)?;
-        if first < 0x80 {
-            return Some((2, usize::from(first)));
-        }
-        let n = usize::from(first & 0x7f);
-        if n == 0 || n > 3 {
-            return None;
-        }
-        let mut len = 0usize;
-        for b in der.get(2..2 + n)? {
-            len = (len << 8) | usize::from(*b);
-        }
-        Some((2 + n, len))
-    }
-
-    /// Rewrites a finished certificate: its TBSCertificate and its signatureAlgorithm, not its signature value.
-    pub(super) fn finish(mut der: Vec<u8>) -> Option<Vec<u8>> {
-        let (outer_hdr, _) = header(&der)?;
-        let (tbs_hdr, tbs_len) = header(der.get(outer_hdr..)?)?;
-        let tbs_end = outer_hdr + tbs_hdr + tbs_len;
-        let (alg_hdr, alg_len) = header(der.get(tbs_end..)?)?;
-        let alg_end = tbs_end + alg_hdr + alg_len;
-        rewrite(der.get_mut(outer_hdr..alg_end)?);
-        Some(der)
-    }
-}
-
 impl HsmKey {
     /// Wraps `signer`, signing certificates with its key type's default algorithm.
     pub fn new(signer: Arc<dyn Signer>) -> Self {
         let alg = signer.key_type().default_x509_algorithm();
         let rcgen_alg = match signer.key_type() {
-            // Stands in for SM2 while rcgen lays out the certificate (see `sm2_rewrite`).
+            // Stands in for SM2 while rcgen lays out the certificate (see `trustline_hsm::sm`).
             KeyType::EcP256 | KeyType::Sm2 => &rcgen::PKCS_ECDSA_P256_SHA256,
             KeyType::EcP384 => &rcgen::PKCS_ECDSA_P384_SHA384,
             KeyType::Ed25519 => &rcgen::PKCS_ED25519,
@@ -164,7 +90,7 @@ impl HsmKey {
         if !self.is_sm2() {
             return Ok(der.to_vec());
         }
-        sm2_rewrite::finish(der.to_vec())
+        trustline_hsm::sm::finish_signed(der.to_vec())
             .ok_or_else(|| X509Error::Generate("SM2 certificate: unexpected DER layout".into()))
     }
 
@@ -194,7 +120,7 @@ impl SigningKey for HsmKey {
         let rewritten;
         let msg = if self.is_sm2() {
             let mut tbs = msg.to_vec();
-            sm2_rewrite::rewrite(&mut tbs);
+            trustline_hsm::sm::rewrite_placeholders(&mut tbs);
             rewritten = tbs;
             &rewritten[..]
         } else {
@@ -340,7 +266,7 @@ enum CsrKey {
     Sm2(Vec<u8>),
 }
 
-/// An SM2 subject key, laid out by rcgen as a P-256 key and rewritten (see `sm2_rewrite`).
+/// An SM2 subject key, laid out by rcgen as a P-256 key and rewritten (see `trustline_hsm::sm::rewrite_placeholders`).
 struct Sm2Subject<'a>(&'a [u8]);
 
 impl PublicKeyData for Sm2Subject<'_> {

@@ -85,8 +85,14 @@ pub fn public_key_of_pkcs8(pkcs8: &[u8]) -> Result<Vec<u8>, HsmError> {
     }
 }
 
-/// A PKCS#10 CSR (DER) for an SM2 PKCS#8 key with `uris` as URI SANs, signed SM2-with-SM3 with the standard ID.
-pub fn csr(pkcs8: &[u8], uris: &[String], common_name: Option<&str>) -> Result<Vec<u8>, HsmError> {
+/// A PKCS#10 CSR (DER) for an SM2 PKCS#8 key with `uris` and `dns` as SANs, signed SM2-with-SM3 with the
+/// standard ID.
+pub fn csr(
+    pkcs8: &[u8],
+    uris: &[String],
+    dns: &[String],
+    common_name: Option<&str>,
+) -> Result<Vec<u8>, HsmError> {
     #[cfg(feature = "sm")]
     {
         use trustline_sm::openssl::{stack::Stack, x509};
@@ -106,10 +112,13 @@ pub fn csr(pkcs8: &[u8], uris: &[String], common_name: Option<&str>) -> Result<V
         }
         b.set_subject_name(&name.build())
             .map_err(e("X509_REQ_set_subject_name"))?;
-        if !uris.is_empty() {
+        if !uris.is_empty() || !dns.is_empty() {
             let mut san = x509::extension::SubjectAlternativeName::new();
             for u in uris {
                 san.uri(u);
+            }
+            for d in dns {
+                san.dns(d);
             }
             let ext = san.build(&b.x509v3_context(None)).map_err(e("subjectAltName"))?;
             let mut exts = Stack::new().map_err(e("sk_new"))?;
@@ -121,7 +130,7 @@ pub fn csr(pkcs8: &[u8], uris: &[String], common_name: Option<&str>) -> Result<V
     }
     #[cfg(not(feature = "sm"))]
     {
-        let _ = (pkcs8, uris, common_name);
+        let _ = (pkcs8, uris, dns, common_name);
         Err(missing())
     }
 }
@@ -142,6 +151,83 @@ pub fn tls_provider() -> Result<rustls::crypto::CryptoProvider, HsmError> {
 #[cfg(feature = "sm")]
 pub(crate) fn sign_tls13(key: &trustline_sm::sm2::Sm2Key, msg: &[u8]) -> Result<Vec<u8>, HsmError> {
     key.sign_tls13(msg).map_err(|e| HsmError::Sm(e.to_string()))
+}
+
+/// SM2 certificates and CSRs through rcgen. rcgen knows no SM2, so an SM2 key stands in as a P-256 key while rcgen lays
+/// out the certificate; the OIDs are then rewritten in place: `ecdsa-with-SHA256` -> `SM2-with-SM3` and, in
+/// SM2 public keys, `prime256v1` -> `sm2` (each pair has the same DER length, so no length changes). The
+/// to-be-signed bytes are rewritten before they are signed (SM2-with-SM3, ID `1234567812345678`), and the finished
+/// certificate the same way, so what was signed is exactly the certificate's TBS. One profile, SVID rules
+/// included, serves both modes.
+pub use rewrite::{finish_signed, rewrite_placeholders};
+
+mod rewrite {
+    /// `AlgorithmIdentifier { ecdsa-with-SHA256 }` as rcgen writes it.
+    const ECDSA_SHA256: &[u8] = &[
+        0x30, 0x0a, 0x06, 0x08, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x04, 0x03, 0x02,
+    ];
+    /// `AlgorithmIdentifier { SM2-with-SM3 }` (1.2.156.10197.1.501, no parameters).
+    const SM2_SM3: &[u8] = &[
+        0x30, 0x0a, 0x06, 0x08, 0x2a, 0x81, 0x1c, 0xcf, 0x55, 0x01, 0x83, 0x75,
+    ];
+    /// `AlgorithmIdentifier { id-ecPublicKey, prime256v1 }`.
+    const P256_KEY: &[u8] = &[
+        0x30, 0x13, 0x06, 0x07, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x02, 0x01, 0x06, 0x08, 0x2a, 0x86, 0x48, 0xce,
+        0x3d, 0x03, 0x01, 0x07,
+    ];
+    /// `AlgorithmIdentifier { id-ecPublicKey, sm2 }` (1.2.156.10197.1.301).
+    const SM2_KEY: &[u8] = &[
+        0x30, 0x13, 0x06, 0x07, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x02, 0x01, 0x06, 0x08, 0x2a, 0x81, 0x1c, 0xcf,
+        0x55, 0x01, 0x82, 0x2d,
+    ];
+
+    fn replace_all(buf: &mut [u8], from: &[u8], to: &[u8]) {
+        let mut i = 0;
+        while i + from.len() <= buf.len() {
+            if &buf[i..i + from.len()] == from {
+                buf[i..i + from.len()].copy_from_slice(to);
+                i += from.len();
+            } else {
+                i += 1;
+            }
+        }
+    }
+
+    /// Rewrites the placeholder algorithm identifiers of a to-be-signed structure (TBSCertificate or
+    /// CertificationRequestInfo) in place.
+    pub fn rewrite_placeholders(buf: &mut [u8]) {
+        replace_all(buf, ECDSA_SHA256, SM2_SM3);
+        replace_all(buf, P256_KEY, SM2_KEY);
+    }
+
+    /// The length of a DER header (tag + length octets) at the start of `der`, and the content length.
+    fn header(der: &[u8]) -> Option<(usize, usize)> {
+        let first = *der.get(1)?;
+        if first < 0x80 {
+            return Some((2, usize::from(first)));
+        }
+        let n = usize::from(first & 0x7f);
+        if n == 0 || n > 3 {
+            return None;
+        }
+        let mut len = 0usize;
+        for b in der.get(2..2 + n)? {
+            len = (len << 8) | usize::from(*b);
+        }
+        Some((2 + n, len))
+    }
+
+    /// Rewrites a finished certificate or CSR: the signed part and its signatureAlgorithm, not the signature
+    /// value. `None` if the DER is not a signed structure.
+    pub fn finish_signed(mut der: Vec<u8>) -> Option<Vec<u8>> {
+        let (outer_hdr, _) = header(&der)?;
+        let (tbs_hdr, tbs_len) = header(der.get(outer_hdr..)?)?;
+        let tbs_end = outer_hdr + tbs_hdr + tbs_len;
+        let (alg_hdr, alg_len) = header(der.get(tbs_end..)?)?;
+        let alg_end = tbs_end + alg_hdr + alg_len;
+        rewrite_placeholders(der.get_mut(outer_hdr..alg_end)?);
+        Some(der)
+    }
 }
 
 #[cfg(test)]

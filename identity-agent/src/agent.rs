@@ -270,7 +270,21 @@ fn open_keystore(cfg: &Validated) -> Result<KeyStore, AgentError> {
         }
         SoftwareKeyStore::from_key_file(&p)?
     };
+    // An SM-mode trust domain (its bundle holds SM2 roots, which switched TLS to the SM provider): the agent's
+    // own keys are SM2 and sealed with SM4-GCM.
+    if trustline_identity::tls::sm_enabled() {
+        return Ok(KeyStore::Software(store.with_sm4_sealing()?));
+    }
     Ok(KeyStore::Software(store))
+}
+
+/// The key type of the agent's own SVID key.
+fn agent_key_type() -> KeyType {
+    if trustline_identity::tls::sm_enabled() {
+        KeyType::Sm2
+    } else {
+        KeyType::EcP256
+    }
 }
 
 fn connector(
@@ -326,8 +340,16 @@ fn cert_validity(der: &[u8]) -> Result<(i64, i64), AgentError> {
     ))
 }
 
-/// A fresh P-256 key and a CSR for `uris` / `dns` (the key never leaves this process).
+/// A fresh key and a CSR for `uris` / `dns` (the key never leaves this process): P-256, or SM2 in an SM-mode
+/// trust domain.
 fn key_and_csr(uris: &[&str], dns: &[String]) -> Result<(Zeroizing<Vec<u8>>, Vec<u8>), AgentError> {
+    if trustline_identity::tls::sm_enabled() {
+        let sm = |e: trustline_hsm::HsmError| AgentError::Protocol(e.to_string());
+        let key = Zeroizing::new(trustline_hsm::sm::generate_pkcs8().map_err(sm)?);
+        let uris: Vec<String> = uris.iter().map(|u| (*u).to_owned()).collect();
+        let csr = trustline_hsm::sm::csr(&key, &uris, dns, None).map_err(sm)?;
+        return Ok((key, csr));
+    }
     let key = rcgen::KeyPair::generate().map_err(|e| AgentError::Protocol(e.to_string()))?;
     let mut params = rcgen::CertificateParams::new(Vec::<String>::new())
         .map_err(|e| AgentError::Protocol(e.to_string()))?;
@@ -360,11 +382,12 @@ impl Agent {
             std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
                 .map_err(|e| file_err(dir, e))?;
         }
-        let keys = open_keystore(&cfg)?;
         let pem_text =
             std::fs::read_to_string(&cfg.raw.trust_bundle).map_err(|e| file_err(&cfg.raw.trust_bundle, e))?;
         let roots = certs_from_pem(&pem_text).map_err(|e| file_err(&cfg.raw.trust_bundle, e))?;
+        // First the bundle: SM2 roots switch this process to the SM provider, and the key store to SM keys.
         let ca_bundle = TrustBundle::new(cfg.trust_domain.clone(), &roots)?;
+        let keys = open_keystore(&cfg)?;
         let ca_id = SpiffeId::new(ca_server_id(&cfg.trust_domain))
             .map_err(|e| AgentError::Protocol(e.to_string()))?;
         let verifier = Arc::new(SpiffeServerVerifier::new(
@@ -493,7 +516,7 @@ impl Agent {
     }
 
     async fn attest(&self, cred: Credential, anon: Arc<rustls::ClientConfig>) -> Result<(), AgentError> {
-        let (signer, key_ref) = self.keys.generate(KeyType::EcP256)?;
+        let (signer, key_ref) = self.keys.generate(agent_key_type())?;
         // The agent's ID is decided by the CA (from the token or the DevID), so the attestation CSR names none.
         let csr = csr_for_signer(&signer, &[], None)?;
         let mut c = AgentClient::new(connector(self.cfg.raw.ca_address, anon)?);
@@ -615,7 +638,7 @@ impl Agent {
     }
 
     async fn renew_agent(&self, id: &str) -> Result<(), AgentError> {
-        let (signer, key_ref) = self.keys.generate(KeyType::EcP256)?;
+        let (signer, key_ref) = self.keys.generate(agent_key_type())?;
         // The CA checks that a renewal CSR names the agent's own ID (or nothing).
         let csr = csr_for_signer(&signer, &[id], None)?;
         let svid = self
@@ -991,20 +1014,28 @@ pub fn csr_for_signer(
         fn algorithm(&self) -> &'static rcgen::SignatureAlgorithm {
             match self.0.key_type() {
                 KeyType::EcP384 => &rcgen::PKCS_ECDSA_P384_SHA384,
+                // P-256 also stands in for SM2 (see `trustline_hsm::sm::rewrite_placeholders`).
                 _ => &rcgen::PKCS_ECDSA_P256_SHA256,
             }
         }
     }
     impl rcgen::SigningKey for Remote {
         fn sign(&self, msg: &[u8]) -> Result<Vec<u8>, rcgen::Error> {
+            let mut tbs = msg.to_vec();
+            if self.0.key_type() == KeyType::Sm2 {
+                trustline_hsm::sm::rewrite_placeholders(&mut tbs);
+            }
             self.0
-                .sign(self.0.key_type().default_x509_algorithm(), msg)
+                .sign(self.0.key_type().default_x509_algorithm(), &tbs)
                 .map_err(|_| rcgen::Error::RemoteKeyError)
         }
     }
-    if !matches!(signer.key_type(), KeyType::EcP256 | KeyType::EcP384) {
+    if !matches!(
+        signer.key_type(),
+        KeyType::EcP256 | KeyType::EcP384 | KeyType::Sm2
+    ) {
         return Err(AgentError::Protocol(format!(
-            "CSRs are made for ec-p256 or ec-p384 keys, not {}",
+            "CSRs are made for ec-p256, ec-p384 or sm2 keys, not {}",
             signer.key_type()
         )));
     }
@@ -1025,6 +1056,10 @@ pub fn csr_for_signer(
             rcgen::Error::RemoteKeyError => AgentError::Protocol("the key could not sign the CSR".into()),
             e => AgentError::Protocol(e.to_string()),
         })?;
+    if signer.key_type() == KeyType::Sm2 {
+        return trustline_hsm::sm::finish_signed(csr.der().to_vec())
+            .ok_or_else(|| AgentError::Protocol("SM2 CSR: unexpected DER layout".into()));
+    }
     Ok(csr.der().to_vec())
 }
 

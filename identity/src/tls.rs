@@ -468,13 +468,15 @@ pub struct SvidSignature {
     pub signature: Vec<u8>,
 }
 
-const SIGN_SCHEMES: [SignatureScheme; 6] = [
+const SIGN_SCHEMES: [SignatureScheme; 7] = [
     SignatureScheme::ECDSA_NISTP256_SHA256,
     SignatureScheme::ECDSA_NISTP384_SHA384,
     SignatureScheme::ED25519,
     SignatureScheme::RSA_PSS_SHA256,
     SignatureScheme::RSA_PSS_SHA384,
     SignatureScheme::RSA_PSS_SHA512,
+    // sm2sig_sm3 (RFC 8998), for SM2 SVIDs: verifiable only by SM-mode processes.
+    SignatureScheme::Unknown(0x0708),
 ];
 
 impl RotatingCert {

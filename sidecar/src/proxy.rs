@@ -201,6 +201,8 @@ pub fn group_name(g: Option<rustls::NamedGroup>) -> &'static str {
         Some(rustls::NamedGroup::X25519) => "X25519",
         Some(rustls::NamedGroup::secp256r1) => "secp256r1",
         Some(rustls::NamedGroup::secp384r1) => "secp384r1",
+        // RFC 8998, SM-mode trust domains.
+        Some(rustls::NamedGroup::Unknown(0x0029)) => "curveSM2",
         Some(_) => "other",
         None => "",
     }

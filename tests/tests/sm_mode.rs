@@ -237,3 +237,78 @@ fn an_sm_mode_ca_issues_sm2_svids_that_openssl_verifies() {
     );
     assert!(ok.contains(": OK"), "{ok}");
 }
+
+/// A whole SM-mode mesh: the agent (SM2 agent key, SM TLS to the CA) serves SM2 SVIDs through the Workload API,
+/// and two sidecars speak RFC 8998 TLS 1.3 to each other (curveSM2 key exchange, `TLS_SM4_GCM_SM3`, `sm2sig_sm3`)
+/// with policy and a verified SM2-signed caller chain; an SM sidecar refuses a classic TLS client.
+#[tokio::test(flavor = "multi_thread")]
+async fn sidecars_of_an_sm_mode_trust_domain_speak_sm_tls() {
+    use trustline_tests::mesh::{echo_app, request, Mesh, TD};
+    if !trustline_hsm::SM_SUPPORTED {
+        println!("skipped: build with --features trustline-hsm/sm (scripts/test.sh does)");
+        return;
+    }
+    // default_config ends inside [keys]: this line joins that table.
+    let mesh = Mesh::start("backend = \"sm2\"\n");
+    let app = echo_app().await;
+    let allow_web = format!(
+        "name: web-only\naction: ALLOW\nrules:\n  - from:\n      - source:\n          principals: [\"{TD}/web\"]\n"
+    );
+    let api = mesh.sidecar(
+        "api",
+        &format!("[[inbound]]\nlisten = \"127.0.0.1:0\"\napp = \"{app}\"\n"),
+        &[("web-only.yaml", &allow_web)],
+    );
+    let web = mesh.sidecar(
+        "web",
+        &format!(
+            "[[outbound]]\nlisten = \"127.0.0.1:0\"\n[[outbound.route]]\nhost = \"api\"\nupstream = \"{}\"\nspiffe_ids = [\"{TD}/api\"]\n",
+            api.inbound[0]
+        ),
+        &[],
+    );
+    let r = request(web.outbound[0], "GET", "api", "/hello", &[], "")
+        .await
+        .unwrap();
+    assert_eq!(r.status, 200, "{}", r.body);
+    let seen = r.json();
+    let xfcc = seen["headers"]["x-forwarded-client-cert"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    assert!(xfcc.contains(&format!("URI={TD}/web")), "{seen}");
+    // The app got the verified caller chain, whose hop is signed sm2sig_sm3 by web's SVID key.
+    assert!(seen["headers"]["trustline-caller-chain"].is_string(), "{seen}");
+    for (side, dir) in [(&web, "outbound"), (&api, "inbound")] {
+        let n = side
+            .metric(
+                "trustline_sidecar_tls_handshakes_total",
+                &[("direction", dir), ("outcome", "ok"), ("group", "curveSM2")],
+            )
+            .await;
+        assert!(n >= 1.0, "{dir}: {}", side.metrics_text().await);
+    }
+
+    // A classic TLS 1.3 client (aws-lc, no SM algorithm) gets no handshake from an SM sidecar.
+    let roots = mesh.ca.bundle_roots();
+    let mut store = rustls::RootCertStore::empty();
+    for r in &roots {
+        let _ = store.add(rustls::pki_types::CertificateDer::from(r.clone()));
+    }
+    let cfg = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::aws_lc_rs::default_provider(),
+    ))
+    .with_protocol_versions(&[&rustls::version::TLS13])
+    .unwrap()
+    .with_root_certificates(store)
+    .with_no_client_auth();
+    let tcp = tokio::net::TcpStream::connect(api.inbound[0]).await.unwrap();
+    let name = rustls::pki_types::ServerName::try_from("api").unwrap();
+    let res = tokio::time::timeout(
+        std::time::Duration::from_secs(10),
+        tokio_rustls::TlsConnector::from(std::sync::Arc::new(cfg)).connect(name, tcp),
+    )
+    .await
+    .unwrap();
+    assert!(res.is_err(), "a classic client must not get a handshake");
+}
