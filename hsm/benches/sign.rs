@@ -1,9 +1,9 @@
-//! Signatures per second per key backend: software keys (aws-lc), a PKCS#11 token (SoftHSM2, when
+//! Signatures per second per key backend: software keys (aws-lc; SM2 through OpenSSL with the `sm` feature), a PKCS#11 token (SoftHSM2, when
 //! `TRUSTLINE_TEST_SOFTHSM` names its module) and a TPM 2.0 (swtpm, in a build with the `tpm` feature and
 //! `TRUSTLINE_TEST_SWTPM` set); scripts/test.sh installs both.
 //!
 //! Run: `TRUSTLINE_TEST_SOFTHSM=/usr/lib/softhsm/libsofthsm2.so TRUSTLINE_TEST_SWTPM=1 \
-//!       cargo bench -p trustline-hsm --features tpm --bench sign`
+//!       cargo bench -p trustline-hsm --features tpm,sm --bench sign`
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -45,6 +45,12 @@ fn main() {
     ] {
         let (s, _) = soft.generate(kt).unwrap();
         rate(&format!("software {kt}"), &s, alg);
+    }
+    if trustline_hsm::SM_SUPPORTED {
+        let (s, _) = soft.generate(KeyType::Sm2).unwrap();
+        rate("software sm2 (SM2-with-SM3)", &s, SignatureAlgorithm::Sm2Sm3);
+    } else {
+        println!("sm2: skipped (build with --features sm)");
     }
     pkcs11(dir.path());
     tpm(dir.path());
