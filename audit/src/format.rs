@@ -13,8 +13,12 @@
 //! hash = SHA-256(prev_hash || body)
 //! ```
 //!
-//! `kind` 1 is a request record, 2 a signed checkpoint. Every frame's hash chains over the previous one, across
-//! segments, so any change, removal or reordering breaks the chain at a place `verify` can name.
+//! `kind` 1 is a request record, 2 a signed checkpoint, 3 a request record encrypted at rest (an operator's
+//! choice: `[log] encryption_key_file`): its payload is `nonce (12) || SM4-GCM(record JSON) || tag (16)`, with
+//! associated data `"trustline log record v1" || seq (u64 LE)`, so a sealed record cannot be moved to another
+//! position unnoticed. Every frame's hash chains over the previous one (over the ciphertext for kind 3), across
+//! segments, so any change, removal or reordering breaks the chain at a place `verify` can name, with or without
+//! the key.
 
 use serde::{Deserialize, Serialize};
 
@@ -28,6 +32,116 @@ pub const MAX_BODY: usize = 1 << 20;
 pub const KIND_RECORD: u8 = 1;
 /// Frame kind: a signed checkpoint.
 pub const KIND_CHECKPOINT: u8 = 2;
+/// Frame kind: a request record encrypted with SM4-GCM.
+pub const KIND_SEALED_RECORD: u8 = 3;
+
+/// The key that encrypts request records at rest (SM4-GCM, 16 bytes). `Debug` never shows it.
+#[derive(Clone)]
+pub struct LogKey([u8; 16]);
+
+impl std::fmt::Debug for LogKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("LogKey(..)")
+    }
+}
+
+/// A log key could not be used.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum KeyError {
+    /// The key file could not be read, is readable by others, or holds no key.
+    #[error("log key file {path}: {reason}")]
+    File {
+        /// The file.
+        path: std::path::PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
+    /// SM4-GCM is not in this build, or a record does not open with this key.
+    #[error("log record {seq}: {reason}")]
+    Record {
+        /// The record.
+        seq: u64,
+        /// What failed.
+        reason: String,
+    },
+}
+
+const SEAL_AAD: &[u8] = b"trustline log record v1";
+
+impl LogKey {
+    /// Reads a key file: 16 raw bytes or 32 hex digits (a trailing newline is fine), mode 0600 or stricter.
+    /// Create one with `head -c 16 /dev/urandom > log.key && chmod 600 log.key`.
+    pub fn from_file(path: &std::path::Path) -> Result<Self, KeyError> {
+        use std::os::unix::fs::PermissionsExt;
+        let bad = |reason: String| KeyError::File {
+            path: path.to_owned(),
+            reason,
+        };
+        let meta = std::fs::metadata(path).map_err(|e| bad(e.to_string()))?;
+        let mode = meta.permissions().mode() & 0o777;
+        if mode & 0o077 != 0 {
+            return Err(bad(format!("mode {mode:o} lets others read it: chmod 600")));
+        }
+        let raw = std::fs::read(path).map_err(|e| bad(e.to_string()))?;
+        let mut key = [0u8; 16];
+        if raw.len() == 16 {
+            key.copy_from_slice(&raw);
+        } else {
+            let text = std::str::from_utf8(&raw).map(str::trim_end).unwrap_or("");
+            if text.len() != 32 || !text.bytes().all(|b| b.is_ascii_hexdigit()) {
+                return Err(bad(format!(
+                    "must hold 16 raw bytes or 32 hex digits, found {} bytes",
+                    raw.len()
+                )));
+            }
+            for (i, byte) in key.iter_mut().enumerate() {
+                *byte = u8::from_str_radix(&text[2 * i..2 * i + 2], 16).map_err(|e| bad(e.to_string()))?;
+            }
+        }
+        // Fail now, not at the first record, in a build without SM4-GCM.
+        let k = Self(key);
+        k.seal(0, b"{}").map_err(|e| bad(e.to_string()))?;
+        Ok(k)
+    }
+
+    fn aad(seq: u64) -> Vec<u8> {
+        let mut aad = SEAL_AAD.to_vec();
+        aad.extend_from_slice(&seq.to_le_bytes());
+        aad
+    }
+
+    /// Encrypts a record's JSON for position `seq`: `nonce || ciphertext || tag`.
+    pub fn seal(&self, seq: u64, json: &[u8]) -> Result<Vec<u8>, KeyError> {
+        let mut nonce = [0u8; 12];
+        aws_lc_rs::rand::fill(&mut nonce).map_err(|_| KeyError::Record {
+            seq,
+            reason: "no randomness".into(),
+        })?;
+        let sealed =
+            trustline_hsm::sm::sm4_gcm_seal(&self.0, &nonce, &Self::aad(seq), json).map_err(|e| {
+                KeyError::Record {
+                    seq,
+                    reason: e.to_string(),
+                }
+            })?;
+        let mut out = nonce.to_vec();
+        out.extend_from_slice(&sealed);
+        Ok(out)
+    }
+
+    /// Decrypts the payload of the sealed record at `seq`.
+    pub fn open(&self, seq: u64, payload: &[u8]) -> Result<Vec<u8>, KeyError> {
+        let bad = |reason: &str| KeyError::Record {
+            seq,
+            reason: reason.to_owned(),
+        };
+        let (nonce, sealed) = payload.split_at_checked(12).ok_or_else(|| bad("truncated"))?;
+        let nonce: [u8; 12] = nonce.try_into().map_err(|_| bad("truncated"))?;
+        trustline_hsm::sm::sm4_gcm_open(&self.0, &nonce, &Self::aad(seq), sealed)
+            .map_err(|_| bad("does not open with this key (wrong key, or altered)"))
+    }
+}
 
 /// A SHA-256 hash.
 pub type Hash = [u8; 32];

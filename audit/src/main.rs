@@ -68,6 +68,9 @@ enum Command {
         /// Write to this file instead of stdout.
         #[arg(long)]
         out: Option<PathBuf>,
+        /// Key of logs whose records are encrypted (`[log] encryption_key_file` of the sidecar).
+        #[arg(long)]
+        log_key: Option<PathBuf>,
     },
     /// Records matching every given filter, as JSON lines (with the log and sequence number of each).
     ///
@@ -100,6 +103,9 @@ enum Command {
         /// Until this time (RFC 3339), exclusive.
         #[arg(long)]
         until: Option<String>,
+        /// Key of logs whose records are encrypted (`[log] encryption_key_file` of the sidecar).
+        #[arg(long)]
+        log_key: Option<PathBuf>,
     },
 }
 
@@ -111,13 +117,19 @@ enum Format {
     Html,
 }
 
-fn load(dirs: &[PathBuf]) -> Result<Vec<trustline_audit::query::Located>, String> {
+fn load(dirs: &[PathBuf], log_key: &Option<PathBuf>) -> Result<Vec<trustline_audit::query::Located>, String> {
+    let key = match log_key {
+        Some(p) => {
+            Some(trustline_audit::format::LogKey::from_file(p).map_err(|e| format!("--log-key: {e}"))?)
+        }
+        None => None,
+    };
     let mut out = Vec::new();
     for d in dirs {
         if !d.is_dir() {
             return Err(format!("{}: not a log folder", d.display()));
         }
-        for (seq, record) in trustline_audit::verify::records(d).map_err(|e| e.to_string())? {
+        for (seq, record) in trustline_audit::verify::records(d, key.as_ref()).map_err(|e| e.to_string())? {
             out.push(trustline_audit::query::Located {
                 log: d.display().to_string(),
                 seq,
@@ -239,8 +251,9 @@ fn run(cli: Cli) -> Result<ExitCode, String> {
             store,
             format,
             out,
+            log_key,
         } => {
-            let mut records = load(&dirs)?;
+            let mut records = load(&dirs, &log_key)?;
             if let Some(store) = &store {
                 records.extend(runtime()?.block_on(async {
                     let c = store_client(store).await?;
@@ -283,6 +296,7 @@ fn run(cli: Cli) -> Result<ExitCode, String> {
             trace_id,
             since,
             until,
+            log_key,
         } => {
             let f = trustline_audit::query::Filter {
                 caller,
@@ -293,7 +307,7 @@ fn run(cli: Cli) -> Result<ExitCode, String> {
                 since_us: time_us("--since", &since)?,
                 until_us: time_us("--until", &until)?,
             };
-            let mut records = load(&dirs)?;
+            let mut records = load(&dirs, &log_key)?;
             if let Some(store) = &store {
                 records.extend(runtime()?.block_on(async {
                     let c = store_client(store).await?;

@@ -9,7 +9,9 @@ use std::path::Path;
 use tokio_postgres::{Client, NoTls};
 use trustline_identity::tls::TrustBundle;
 
-use crate::format::{chain_hash, decode_frame, Hash, Record, HEADER_LEN, KIND_CHECKPOINT, KIND_RECORD};
+use crate::format::{
+    chain_hash, decode_frame, Hash, Record, HEADER_LEN, KIND_CHECKPOINT, KIND_RECORD, KIND_SEALED_RECORD,
+};
 use crate::query::Located;
 use crate::verify::{check_checkpoint, Finding, Report};
 use crate::writer::segments;
@@ -203,7 +205,7 @@ pub async fn verify(client: &Client, name: &str, bundle: Option<&TrustBundle>) -
                 }
                 Err(reason) => r.findings.push(Finding::BadCheckpoint { seq, reason }),
             }
-        } else if kind == KIND_RECORD {
+        } else if kind == KIND_RECORD || kind == KIND_SEALED_RECORD {
             r.records += 1;
             since += 1;
         }

@@ -8,7 +8,7 @@ use trustline_identity::tls::{SvidSignature, TrustBundle};
 
 use crate::format::{
     chain_hash, checkpoint_message, decode_frame, hex, parse_header, unhex, Checkpoint, Hash, HEADER_LEN,
-    KIND_CHECKPOINT, KIND_RECORD,
+    KIND_CHECKPOINT, KIND_RECORD, KIND_SEALED_RECORD,
 };
 use crate::writer::{segments, LogError};
 
@@ -320,14 +320,18 @@ pub fn verify(dir: &Path, bundle: Option<&TrustBundle>) -> Result<Report, LogErr
 }
 
 fn count(r: &mut Report, kind: u8, since: &mut u64) {
-    if kind == KIND_RECORD {
+    if kind == KIND_RECORD || kind == KIND_SEALED_RECORD {
         r.records += 1;
         *since += 1;
     }
 }
 
-/// Reads every request record of the log in `dir` (no verification), with its sequence number.
-pub fn records(dir: &Path) -> Result<Vec<(u64, crate::format::Record)>, LogError> {
+/// Reads every request record of the log in `dir` (no verification), with its sequence number. Encrypted records
+/// need `key`; without it, or with the wrong one, reading fails naming the first such record.
+pub fn records(
+    dir: &Path,
+    key: Option<&crate::format::LogKey>,
+) -> Result<Vec<(u64, crate::format::Record)>, RecordsError> {
     let mut out = Vec::new();
     for path in segments(dir)? {
         let bytes = std::fs::read(&path).map_err(|source| LogError::Io {
@@ -341,10 +345,39 @@ pub fn records(dir: &Path) -> Result<Vec<(u64, crate::format::Record)>, LogError
                 if let Ok(rec) = serde_json::from_slice(f.payload) {
                     out.push((f.seq, rec));
                 }
+            } else if f.kind == KIND_SEALED_RECORD {
+                let key = key.ok_or_else(|| RecordsError::Encrypted {
+                    path: path.clone(),
+                    seq: f.seq,
+                })?;
+                let json = key.open(f.seq, f.payload)?;
+                if let Ok(rec) = serde_json::from_slice(&json) {
+                    out.push((f.seq, rec));
+                }
             }
         }
     }
     Ok(out)
+}
+
+/// Records could not be read.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum RecordsError {
+    /// The folder or a segment could not be read.
+    #[error(transparent)]
+    Log(#[from] LogError),
+    /// The log holds encrypted records and no key was given.
+    #[error("{path}: record {seq} is encrypted (SM4-GCM): give the log key (--log-key FILE)")]
+    Encrypted {
+        /// The segment.
+        path: std::path::PathBuf,
+        /// The first encrypted record.
+        seq: u64,
+    },
+    /// A record does not open with the key given.
+    #[error(transparent)]
+    Key(#[from] crate::format::KeyError),
 }
 
 /// Hex of a hash (re-exported for tools).

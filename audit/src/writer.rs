@@ -17,7 +17,7 @@ use trustline_identity::tls::SvidSignature;
 
 use crate::format::{
     checkpoint_message, decode_frame, encode_frame, header, hex, parse_header, segment_name, Checkpoint,
-    Hash, Record, HEADER_LEN, KIND_CHECKPOINT, KIND_RECORD,
+    Hash, Record, HEADER_LEN, KIND_CHECKPOINT, KIND_RECORD, KIND_SEALED_RECORD,
 };
 
 /// When the writer calls fsync.
@@ -46,6 +46,8 @@ pub struct LogConfig {
     pub checkpoint_records: u64,
     /// Bounded queue length.
     pub queue: usize,
+    /// Encrypt request records at rest with this key (SM4-GCM); `None`: records are plain JSON.
+    pub encryption: Option<crate::format::LogKey>,
 }
 
 impl LogConfig {
@@ -58,6 +60,7 @@ impl LogConfig {
             checkpoint_interval: Duration::from_secs(10),
             checkpoint_records: 10_000,
             queue: 65_536,
+            encryption: None,
         }
     }
 }
@@ -412,7 +415,23 @@ impl Writer {
     fn take(&mut self, m: Msg) {
         let Msg::Record(payload, waiter) = m;
         let seq = self.tail.next_seq;
-        self.tail.prev = encode_frame(&mut self.buf, &self.tail.prev, KIND_RECORD, seq, &payload);
+        let (kind, payload) = match &self.cfg.encryption {
+            None => (KIND_RECORD, payload),
+            Some(key) => match key.seal(seq, &payload) {
+                Ok(sealed) => (KIND_SEALED_RECORD, sealed),
+                Err(e) => {
+                    // Never write a record in clear that the operator asked to encrypt.
+                    let msg = e.to_string();
+                    tracing::error!(error = %msg, "accountability log record could not be encrypted");
+                    *self.stats.last_error.lock().unwrap_or_else(|p| p.into_inner()) = Some(msg.clone());
+                    if let Some(w) = waiter {
+                        let _ = w.send(Err(AppendError::Failed(msg)));
+                    }
+                    return;
+                }
+            },
+        };
+        self.tail.prev = encode_frame(&mut self.buf, &self.tail.prev, kind, seq, &payload);
         self.tail.next_seq += 1;
         self.since_checkpoint += 1;
         if let Some(w) = waiter {

@@ -135,6 +135,42 @@ pub fn csr(
     }
 }
 
+/// SM4-GCM (RFC 8998 §2: 16-byte key, 12-byte nonce, 16-byte tag): `ciphertext || tag`.
+pub fn sm4_gcm_seal(
+    key: &[u8; 16],
+    nonce: &[u8; 12],
+    aad: &[u8],
+    plaintext: &[u8],
+) -> Result<Vec<u8>, HsmError> {
+    #[cfg(feature = "sm")]
+    {
+        trustline_sm::sm4gcm::seal(key, nonce, aad, plaintext).map_err(|e| HsmError::Sm(e.to_string()))
+    }
+    #[cfg(not(feature = "sm"))]
+    {
+        let _ = (key, nonce, aad, plaintext);
+        Err(missing())
+    }
+}
+
+/// Opens SM4-GCM `ciphertext || tag`; any change to key, nonce, AAD or data is refused.
+pub fn sm4_gcm_open(
+    key: &[u8; 16],
+    nonce: &[u8; 12],
+    aad: &[u8],
+    sealed: &[u8],
+) -> Result<Vec<u8>, HsmError> {
+    #[cfg(feature = "sm")]
+    {
+        trustline_sm::sm4gcm::open(key, nonce, aad, sealed).map_err(|e| HsmError::Sm(e.to_string()))
+    }
+    #[cfg(not(feature = "sm"))]
+    {
+        let _ = (key, nonce, aad, sealed);
+        Err(missing())
+    }
+}
+
 /// The rustls provider of SM-mode trust domains: TLS 1.3 `TLS_SM4_GCM_SM3`, curveSM2, `sm2sig_sm3` only.
 pub fn tls_provider() -> Result<rustls::crypto::CryptoProvider, HsmError> {
     #[cfg(feature = "sm")]

@@ -173,6 +173,11 @@ pub struct LogConfig {
     /// Hold each response until its record is on disk (default false: records are queued).
     #[serde(default)]
     pub durable: bool,
+    /// Encrypt request records at rest with SM4-GCM under this key file (16 raw bytes or 32 hex digits, mode
+    /// 0600). Hash links and checkpoints stay verifiable without it; `trustline-audit trace/query --log-key`
+    /// reads the records. Needs a build with `--features trustline-hsm/sm`.
+    #[serde(default)]
+    pub encryption_key_file: Option<PathBuf>,
 }
 
 fn default_fsync() -> String {
@@ -211,6 +216,9 @@ impl LogConfig {
         c.checkpoint_interval = self.checkpoint_interval;
         c.checkpoint_records = self.checkpoint_records.max(1);
         c.queue = self.queue.max(1);
+        if let Some(p) = &self.encryption_key_file {
+            c.encryption = Some(trustline_audit::format::LogKey::from_file(p).map_err(|e| e.to_string())?);
+        }
         Ok(c)
     }
 }
@@ -554,7 +562,19 @@ impl Config {
         resolve(&mut raw.workload_api_socket);
         if let Some(l) = raw.log.as_mut() {
             resolve(&mut l.dir);
-            l.writer()
+            if let Some(k) = l.encryption_key_file.as_mut() {
+                resolve(k);
+                let shown = k.display().to_string();
+                if let Err(e) = trustline_audit::format::LogKey::from_file(k) {
+                    return Err(invalid("log.encryption_key_file".into(), shown, &e.to_string()));
+                }
+            }
+            let probe = LogConfig {
+                encryption_key_file: None,
+                ..l.clone()
+            };
+            probe
+                .writer()
                 .map_err(|e| invalid("log.fsync".into(), l.fsync.clone(), &e))?;
             if l.segment_bytes < 4096 {
                 return Err(invalid(

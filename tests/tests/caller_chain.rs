@@ -217,7 +217,7 @@ async fn a_chain_from_a_through_b_reaches_c_and_every_forgery_is_refused() {
     // Every sidecar recorded its requests; C's record of the allowed call names both callers.
     drop((a, b, c));
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let c_records = trustline_audit::verify::records(&logs.join("c")).unwrap();
+    let c_records = trustline_audit::verify::records(&logs.join("c"), None).unwrap();
     let allowed = c_records
         .iter()
         .find(|(_, r)| r.trace_id == trace && r.status == 200)
@@ -228,7 +228,7 @@ async fn a_chain_from_a_through_b_reaches_c_and_every_forgery_is_refused() {
     assert!(c_records
         .iter()
         .any(|(_, r)| r.decision == "bad_chain" && r.note.contains("forged")));
-    let b_records = trustline_audit::verify::records(&logs.join("b")).unwrap();
+    let b_records = trustline_audit::verify::records(&logs.join("b"), None).unwrap();
     assert!(
         b_records
             .iter()
@@ -238,7 +238,7 @@ async fn a_chain_from_a_through_b_reaches_c_and_every_forgery_is_refused() {
     assert!(b_records
         .iter()
         .any(|(_, r)| r.direction == "inbound" && r.trace_id == trace));
-    let a_records = trustline_audit::verify::records(&logs.join("a")).unwrap();
+    let a_records = trustline_audit::verify::records(&logs.join("a"), None).unwrap();
     assert!(a_records
         .iter()
         .any(|(_, r)| r.direction == "outbound" && r.trace_id == trace));

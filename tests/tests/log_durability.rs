@@ -86,7 +86,7 @@ async fn kill_9_loses_no_acknowledged_record() {
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{text}");
 
-    let recorded: std::collections::HashSet<String> = trustline_audit::verify::records(&log_dir)
+    let recorded: std::collections::HashSet<String> = trustline_audit::verify::records(&log_dir, None)
         .unwrap()
         .into_iter()
         .map(|(_, r)| r.trace_id)

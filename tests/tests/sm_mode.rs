@@ -254,9 +254,18 @@ async fn sidecars_of_an_sm_mode_trust_domain_speak_sm_tls() {
     let allow_web = format!(
         "name: web-only\naction: ALLOW\nrules:\n  - from:\n      - source:\n          principals: [\"{TD}/web\"]\n"
     );
+    // api keeps its accountability log encrypted at rest with SM4-GCM.
+    let log_dir = mesh.tmp.path().join("api-log");
+    let log_key = mesh.tmp.path().join("log.key");
+    std::fs::write(&log_key, [42u8; 16]).unwrap();
+    std::fs::set_permissions(&log_key, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
     let api = mesh.sidecar(
         "api",
-        &format!("[[inbound]]\nlisten = \"127.0.0.1:0\"\napp = \"{app}\"\n"),
+        &format!(
+            "[[inbound]]\nlisten = \"127.0.0.1:0\"\napp = \"{app}\"\n[log]\ndir = \"{}\"\nencryption_key_file = \"{}\"\n",
+            log_dir.display(),
+            log_key.display()
+        ),
         &[("web-only.yaml", &allow_web)],
     );
     let web = mesh.sidecar(
@@ -287,6 +296,36 @@ async fn sidecars_of_an_sm_mode_trust_domain_speak_sm_tls() {
             )
             .await;
         assert!(n >= 1.0, "{dir}: {}", side.metrics_text().await);
+    }
+
+    // The record is on disk encrypted: verify needs no key, query needs it.
+    let audit = |args: &[&str]| {
+        Command::new(trustline_tests::bin("trustline-audit"))
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let dir = log_dir.to_str().unwrap();
+    let key = log_key.to_str().unwrap();
+    let found = trustline_tests::eventually(
+        std::time::Duration::from_secs(10),
+        "the encrypted record",
+        || async {
+            let o = audit(&["query", "--log-key", key, "--path", "/hello", dir]);
+            let out = String::from_utf8_lossy(&o.stdout).into_owned();
+            (o.status.success() && out.contains("spiffe://example.org/web")).then_some(out)
+        },
+    )
+    .await;
+    assert!(found.contains("\"allow\""), "{found}");
+    let o = audit(&["query", dir]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.contains("--log-key"), "{err}");
+    let o = audit(&["verify", dir]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stdout));
+    for seg in std::fs::read_dir(&log_dir).unwrap() {
+        let bytes = std::fs::read(seg.unwrap().path()).unwrap();
+        assert!(!bytes.windows(6).any(|w| w == b"/hello"), "a record is in clear");
     }
 
     // A classic TLS 1.3 client (aws-lc, no SM algorithm) gets no handshake from an SM sidecar.
