@@ -500,11 +500,11 @@ impl Config {
             .map_err(|e: trustline_hsm::HsmError| {
                 invalid("keys.jwt_key_type", &raw.keys.jwt_key_type, e.to_string())
             })?;
-        if jwt_key_type == KeyType::Sm2 {
+        if jwt_key_type == KeyType::Sm2 && raw.keys.backend != "sm2" {
             return Err(invalid(
                 "keys.jwt_key_type",
                 &raw.keys.jwt_key_type,
-                "JWT-SVIDs allow no SM2 algorithm: SM-mode trust domains sign them with ec-p256 (ES256, the default)"
+                "the SM2 JWT profile (alg SM2SM3, an extension) exists only in SM-mode trust domains (keys.backend = \"sm2\")"
                     .into(),
             ));
         }
@@ -666,6 +666,13 @@ mod tests {
         assert!(err.to_string().contains("keys.pkcs11"), "{err}");
         let p11 = "trust_domain = \"example.org\"\n[keys]\nbackend = \"pkcs11\"\nx509_key_type = \"KT\"\n[keys.pkcs11]\nmodule = \"/usr/lib/softhsm/libsofthsm2.so\"\ntoken_label = \"ca\"\npin_env = \"PIN\"\n";
         assert!(parse(&p11.replace("KT", "rsa-3072")).is_ok());
+        let err = parse("trust_domain = \"example.org\"\n[keys]\njwt_key_type = \"sm2\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("keys.jwt_key_type") && err.contains("SM-mode"),
+            "{err}"
+        );
         let err = parse(&p11.replace("KT", "ed25519")).unwrap_err().to_string();
         assert!(
             err.contains("keys.x509_key_type") && err.contains("ed25519"),

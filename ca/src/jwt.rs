@@ -40,6 +40,9 @@ pub enum JwtAlg {
     Rs256,
     /// RSA-PSS SHA-256.
     Ps256,
+    /// SM2 with SM3 (ID `1234567812345678`), `r || s`: Trustline's opt-in extension for SM-mode trust domains
+    /// (JOSE registers no SM2 algorithm; standard JWT-SVID validators refuse it).
+    Sm2Sm3,
 }
 
 impl JwtAlg {
@@ -49,6 +52,7 @@ impl JwtAlg {
             KeyType::EcP256 => Ok(Self::Es256),
             KeyType::EcP384 => Ok(Self::Es384),
             KeyType::Ed25519 => Err(JwtError::KeyType(key_type)),
+            KeyType::Sm2 => Ok(Self::Sm2Sm3),
             _ if pss => Ok(Self::Ps256),
             _ => Ok(Self::Rs256),
         }
@@ -61,6 +65,7 @@ impl JwtAlg {
             Self::Es384 => "ES384",
             Self::Rs256 => "RS256",
             Self::Ps256 => "PS256",
+            Self::Sm2Sm3 => trustline_identity::jwt::SM2_SM3_ALG,
         }
     }
 
@@ -70,6 +75,7 @@ impl JwtAlg {
             Self::Es384 => SignatureAlgorithm::EcdsaP384Sha384,
             Self::Rs256 => SignatureAlgorithm::RsaPkcs1Sha256,
             Self::Ps256 => SignatureAlgorithm::RsaPssSha256,
+            Self::Sm2Sm3 => SignatureAlgorithm::Sm2Sm3,
         }
     }
 }
@@ -166,7 +172,7 @@ pub fn mint(
         .signer
         .sign(key.alg.signature_algorithm(), signing_input.as_bytes())?;
     let sig = match key.alg {
-        JwtAlg::Es256 => ecdsa_der_to_fixed(&sig, 32)?,
+        JwtAlg::Es256 | JwtAlg::Sm2Sm3 => ecdsa_der_to_fixed(&sig, 32)?,
         JwtAlg::Es384 => ecdsa_der_to_fixed(&sig, 48)?,
         JwtAlg::Rs256 | JwtAlg::Ps256 => sig,
     };

@@ -254,6 +254,11 @@ pub trait Signer: Send + Sync + fmt::Debug {
     fn sign(&self, alg: SignatureAlgorithm, msg: &[u8]) -> Result<Vec<u8>, HsmError>;
 }
 
+/// Converts a fixed-width `r || s` signature (JWS form) to DER `SEQUENCE { INTEGER r, INTEGER s }`.
+pub fn ecdsa_fixed_to_der(rs: &[u8]) -> Vec<u8> {
+    pkcs11::fixed_to_der(rs)
+}
+
 /// Converts a DER ECDSA signature to the fixed-width `r || s` form JWS uses (`field_len` 32 for P-256, 48 for
 /// P-384).
 pub fn ecdsa_der_to_fixed(der: &[u8], field_len: usize) -> Result<Vec<u8>, HsmError> {

@@ -351,3 +351,82 @@ async fn sidecars_of_an_sm_mode_trust_domain_speak_sm_tls() {
     .unwrap();
     assert!(res.is_err(), "a classic client must not get a handshake");
 }
+
+/// The opt-in SM2/SM3 JWT profile (`keys.jwt_key_type = "sm2"`): tokens with `alg` SM2SM3 validate against the
+/// bundle (and refuse a wrong audience or a changed byte), and openssl checks the signature independently.
+#[test]
+fn the_opt_in_sm2_jwt_profile_signs_tokens_openssl_can_check() {
+    use base64::Engine as _;
+    if !trustline_hsm::SM_SUPPORTED {
+        println!("skipped: build with --features trustline-hsm/sm (scripts/test.sh does)");
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("ca");
+    let cfg = default_config(&dir).replace("[keys]\n", "[keys]\nbackend = \"sm2\"\njwt_key_type = \"sm2\"\n");
+    let ca = Ca::start_with(&dir, &cfg);
+    let token = ca.cli_ok(&[
+        "jwt",
+        "mint",
+        "--spiffe-id",
+        "spiffe://example.org/web",
+        "--audience",
+        "pay",
+    ]);
+    let token = token.trim();
+    let jwks = trustline_identity::bundle::JwkSet::parse(
+        ca.cli_ok(&["bundle", "show", "--format", "jwks"]).as_bytes(),
+    )
+    .unwrap();
+    let v = trustline_identity::jwt::validate(token, "pay", &jwks).unwrap();
+    assert_eq!(v.spiffe_id.to_string(), "spiffe://example.org/web");
+    assert!(trustline_identity::jwt::validate(token, "other", &jwks).is_err());
+    let mut bad = token.to_owned().into_bytes();
+    let i = bad.len() - 5;
+    bad[i] = if bad[i] == b'A' { b'B' } else { b'A' };
+    assert!(trustline_identity::jwt::validate(std::str::from_utf8(&bad).unwrap(), "pay", &jwks).is_err());
+
+    // Independently: the JWK's point as an SM2 public key, the signature as DER, openssl pkeyutl with the ID.
+    let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    let parts: Vec<&str> = token.split('.').collect();
+    let header: serde_json::Value = serde_json::from_slice(&b64.decode(parts[0]).unwrap()).unwrap();
+    assert_eq!(header["alg"], "SM2SM3");
+    let jwk = jwks
+        .jwt_keys()
+        .find(|k| k.kid.as_deref() == header["kid"].as_str())
+        .unwrap();
+    assert_eq!(jwk.crv.as_deref(), Some("SM2"));
+    let mut spki = vec![
+        0x30, 0x59, 0x30, 0x13, 0x06, 0x07, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x02, 0x01, 0x06, 0x08, 0x2a, 0x81,
+        0x1c, 0xcf, 0x55, 0x01, 0x82, 0x2d, 0x03, 0x42, 0x00, 0x04,
+    ];
+    spki.extend(b64.decode(jwk.x.as_deref().unwrap()).unwrap());
+    spki.extend(b64.decode(jwk.y.as_deref().unwrap()).unwrap());
+    let work = tmp.path();
+    std::fs::write(work.join("jwk.der"), &spki).unwrap();
+    std::fs::write(work.join("input"), format!("{}.{}", parts[0], parts[1])).unwrap();
+    let sig = b64.decode(parts[2]).unwrap();
+    std::fs::write(work.join("sig"), trustline_hsm::ecdsa_fixed_to_der(&sig)).unwrap();
+    let out = openssl_ok(
+        &[
+            "pkeyutl",
+            "-verify",
+            "-rawin",
+            "-digest",
+            "sm3",
+            "-pubin",
+            "-keyform",
+            "DER",
+            "-inkey",
+            "jwk.der",
+            "-in",
+            "input",
+            "-sigfile",
+            "sig",
+            "-pkeyopt",
+            &format!("distid:{ID}"),
+        ],
+        work,
+    );
+    assert!(out.contains("Signature Verified Successfully"), "{out}");
+}
