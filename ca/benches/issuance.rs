@@ -48,6 +48,7 @@ async fn run(n: usize) {
         jwt_key_type: KeyType::EcP256,
         jwt_rsa_pss: false,
         upstream: None,
+        existing_keys: Default::default(),
     };
     let authority = Authority::open(settings, store.clone(), keys).await.unwrap();
     let defaults = Defaults {

@@ -53,6 +53,9 @@ pub enum AuthorityError {
     /// Bundle encoding failure.
     #[error(transparent)]
     Bundle(#[from] BundleError),
+    /// An operator-provided existing key cannot be used.
+    #[error("keys.pkcs11 existing key: {0}")]
+    ExistingKey(String),
     /// The upstream CA material is unusable.
     #[error("upstream CA {path}: {reason}")]
     Upstream {
@@ -99,6 +102,18 @@ pub struct Settings {
     pub jwt_rsa_pss: bool,
     /// Intermediate mode.
     pub upstream: Option<Upstream>,
+    /// Keys that exist already in the backend (a PKCS#11 label) to use as the first X.509 and JWT keys instead
+    /// of generating them; rotations generate.
+    pub existing_keys: ExistingKeys,
+}
+
+/// Operator-provided first keys (see [`Settings::existing_keys`]).
+#[derive(Debug, Clone, Default)]
+pub struct ExistingKeys {
+    /// The first X.509 CA key.
+    pub x509: Option<KeyRef>,
+    /// The first JWT key.
+    pub jwt: Option<KeyRef>,
 }
 
 /// The published trust bundle.
@@ -398,7 +413,32 @@ impl Authority {
             KeyKind::X509 => self.settings.x509_key_type,
             KeyKind::Jwt => self.settings.jwt_key_type,
         };
-        let (signer, key_ref) = self.keys.generate(key_type)?;
+        let existing = match kind {
+            KeyKind::X509 => self.settings.existing_keys.x509.as_ref(),
+            KeyKind::Jwt => self.settings.existing_keys.jwt.as_ref(),
+        };
+        // An operator's existing key is the first key of its kind; once recorded, rotations generate.
+        let unused = match existing {
+            Some(r) => {
+                let used = self.store.list_ca_keys().await?.iter().any(|k| k.kind == kind);
+                (!used).then(|| r.clone())
+            }
+            None => None,
+        };
+        let (signer, key_ref) = match unused {
+            Some(r) => {
+                let signer = self.keys.load(&r)?;
+                if signer.key_type() != key_type {
+                    return Err(AuthorityError::ExistingKey(format!(
+                        "{} is {}, but the {kind:?} key type is {key_type}",
+                        r.as_str(),
+                        signer.key_type()
+                    )));
+                }
+                (signer, r)
+            }
+            None => self.keys.generate(key_type)?,
+        };
         let id = random_id()?;
         let not_before = now - BACKDATE.as_secs() as i64;
         let mut not_after = now + self.settings.ca_ttl.as_secs() as i64;
@@ -630,6 +670,7 @@ mod tests {
             jwt_key_type: KeyType::EcP256,
             jwt_rsa_pss: false,
             upstream: None,
+            existing_keys: ExistingKeys::default(),
         };
         let a = Authority::open(settings, store, keys).await.unwrap();
         a

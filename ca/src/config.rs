@@ -214,6 +214,13 @@ pub struct Pkcs11Section {
     /// Or: the name of an environment variable holding the PIN.
     #[serde(default)]
     pub pin_env: Option<String>,
+    /// Use this existing key pair in the token (by `CKA_LABEL`) as the first X.509 CA key instead of generating
+    /// one; later rotations generate new keys in the token.
+    #[serde(default)]
+    pub x509_key_label: Option<String>,
+    /// The same for the first JWT signing key.
+    #[serde(default)]
+    pub jwt_key_label: Option<String>,
 }
 
 /// `[ca]`
@@ -424,6 +431,14 @@ impl Config {
                         &p.token_label,
                         "must not be empty".into(),
                     ));
+                }
+                for (field, label) in [
+                    ("keys.pkcs11.x509_key_label", &p.x509_key_label),
+                    ("keys.pkcs11.jwt_key_label", &p.jwt_key_label),
+                ] {
+                    if label.as_deref().is_some_and(|l| l.trim().is_empty()) {
+                        return Err(invalid(field, "", "must not be empty (or leave it out)".into()));
+                    }
                 }
                 if p.pin_file.is_some() == p.pin_env.is_some() {
                     return Err(invalid(

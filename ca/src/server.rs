@@ -72,6 +72,21 @@ fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> ServerError + '_ {
     }
 }
 
+/// The operator's existing token keys, if any (`[keys.pkcs11] x509_key_label`, `jwt_key_label`).
+fn existing_keys(cfg: &Validated) -> crate::authority::ExistingKeys {
+    let p = cfg
+        .raw
+        .keys
+        .pkcs11
+        .as_ref()
+        .filter(|_| cfg.raw.keys.backend == "pkcs11");
+    let label = |l: Option<&String>| l.map(|l| trustline_hsm::KeyRef::new(format!("pkcs11:v1:{l}")));
+    crate::authority::ExistingKeys {
+        x509: label(p.and_then(|p| p.x509_key_label.as_ref())),
+        jwt: label(p.and_then(|p| p.jwt_key_label.as_ref())),
+    }
+}
+
 /// Opens the key store named by the config.
 pub fn open_keystore(cfg: &Validated) -> Result<KeyStore, ServerError> {
     let k = &cfg.raw.keys;
@@ -296,6 +311,7 @@ pub async fn start(
         jwt_key_type: cfg.jwt_key_type,
         jwt_rsa_pss: cfg.jwt_rsa_pss,
         upstream,
+        existing_keys: existing_keys(&cfg),
     };
     let authority = Authority::open(settings, store.clone(), keys).await?;
     let metrics = Metrics::new();

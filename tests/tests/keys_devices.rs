@@ -123,6 +123,83 @@ fn the_ca_signs_with_keys_that_live_in_a_pkcs11_token() {
     ca.cli_ok(&["ca", "rotate"]);
     drop(ca);
 
+    // An existing key in the token (made by openssl, imported by softhsm2-util, as an HSM administrator would)
+    // becomes the first X.509 CA key; the bundle root carries exactly its public key.
+    let work = tmp.path();
+    let sh = |cmd: &mut std::process::Command| {
+        let o = cmd.env("SOFTHSM2_CONF", &conf).output().unwrap();
+        assert!(
+            o.status.success(),
+            "{cmd:?}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+    };
+    sh(std::process::Command::new("openssl")
+        .args([
+            "genpkey",
+            "-algorithm",
+            "EC",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-out",
+        ])
+        .arg(work.join("hsm-admin.pem")));
+    sh(std::process::Command::new("openssl")
+        .args(["pkey", "-pubout", "-outform", "DER", "-in"])
+        .arg(work.join("hsm-admin.pem"))
+        .arg("-out")
+        .arg(work.join("hsm-admin.pub.der")));
+    sh(std::process::Command::new("softhsm2-util")
+        .args(["--import"])
+        .arg(work.join("hsm-admin.pem"))
+        .args([
+            "--token",
+            "trustline-ca",
+            "--label",
+            "ca-root-2026",
+            "--id",
+            "a1",
+            "--pin",
+            "1234",
+        ]));
+    let ex_dir = tmp.path().join("ca-existing");
+    let ex_cfg = cfg
+        .replace(&dir.display().to_string(), &ex_dir.display().to_string())
+        .replace(
+            "token_label = \"trustline-ca\"\n",
+            "token_label = \"trustline-ca\"\nx509_key_label = \"ca-root-2026\"\n",
+        );
+    let ex_ca = Ca::start_with(&ex_dir, &ex_cfg);
+    let root = ex_ca.bundle_roots().remove(0);
+    let (_, parsed) = x509_parser::parse_x509_certificate(&root).unwrap();
+    assert_eq!(
+        parsed.tbs_certificate.subject_pki.raw,
+        std::fs::read(work.join("hsm-admin.pub.der")).unwrap().as_slice()
+    );
+    let chain = mint(&ex_ca, tmp.path(), "existing").unwrap();
+    assert_eq!(
+        verify_svid(&chain, &ex_ca.bundle_roots(), now()).unwrap(),
+        "spiffe://example.org/existing"
+    );
+    drop(ex_ca);
+    // A label that names no key is a startup error naming it.
+    let missing = ex_cfg
+        .replace(
+            &ex_dir.display().to_string(),
+            &tmp.path().join("ca-missing").display().to_string(),
+        )
+        .replace("ca-root-2026", "no-such-key");
+    std::fs::create_dir_all(tmp.path().join("ca-missing")).unwrap();
+    std::fs::write(tmp.path().join("ca-missing/ca.toml"), &missing).unwrap();
+    trustline_hsm::SoftwareKeyStore::create_key_file(&tmp.path().join("ca-missing/seal.key")).ok();
+    let out = std::process::Command::new(trustline_tests::bin("trustline-ca"))
+        .args(["run", "--config"])
+        .arg(tmp.path().join("ca-missing/ca.toml"))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("no-such-key"), "{err}");
+
     // RSA keys in the token: PKCS#1 v1.5 certificates, and PS256 JWT-SVIDs through CKM_SHA256_RSA_PKCS_PSS.
     let rsa_dir = tmp.path().join("ca-rsa");
     let rsa_cfg = cfg.replace(&dir.display().to_string(), &rsa_dir.display().to_string()).replace(
