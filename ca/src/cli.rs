@@ -3,10 +3,10 @@
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
+use crate::admin_api;
+use crate::config::{parse_duration, Config};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use serde_json::json;
-use trustline_ca::admin_api;
-use trustline_ca::config::{parse_duration, Config};
 use trustline_identity::bundle::certs_to_pem;
 use trustline_proto::admin as pb;
 use trustline_proto::agent as apb;
@@ -38,10 +38,12 @@ enum Command {
         validate: bool,
     },
     /// Bring up a local mesh on embedded defaults (SQLite, software keys, loopback): a CA, a first SVID, and
-    /// when trustline-agent and trustline-sidecar are built next to this binary, an agent and two services
-    /// (web -> api) talking through sidecars with mutual TLS and policy.
+    /// (when the agent and sidecar are built next to this binary, or under `trustline up`) an agent and three
+    /// services (web -> api -> payments) talking through sidecars with mutual TLS, policy, the signed caller chain
+    /// and the accountability log.
     ///
-    /// Example: cargo build --release --workspace --bins && target/release/trustline-ca quickstart
+    /// Example: cargo run --release -- up     (from the repository: the `trustline` binary)
+    #[command(alias = "up")]
     Quickstart {
         /// State folder (created if missing; reused on the next run).
         #[arg(long, default_value = ".trustline")]
@@ -328,16 +330,27 @@ fn msg(s: impl Into<String>) -> CliError {
 }
 
 fn init_tracing() {
+    init_tracing_at("info");
+}
+
+/// Logs to stderr at `default` unless `TRUSTLINE_LOG` says otherwise.
+fn init_tracing_at(default: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("TRUSTLINE_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .try_init();
 }
 
-pub fn main() -> ExitCode {
-    let cli = Cli::parse();
+/// Runs the `trustline-ca` command line with `args` (the first is the program name), as the binary does; the
+/// `trustline` multi-call binary calls it too.
+pub fn main_with<I, T>(args: I) -> ExitCode
+where
+    I: IntoIterator<Item = T>,
+    T: Into<std::ffi::OsString> + Clone,
+{
+    let cli = Cli::parse_from(args);
     let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
@@ -423,8 +436,10 @@ async fn run(cli: Cli) -> Result<ExitCode, CliError> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Quickstart { dir, exit, ca_only } => {
-            init_tracing();
-            quickstart(dir, *exit, *ca_only).await?;
+            // The tour prints its own progress; the CA's routine log lines would bury it.
+            init_tracing_at("warn");
+            let dir = std::path::absolute(dir).map_err(|e| msg(format!("--dir {}: {e}", dir.display())))?;
+            quickstart(&dir, *exit, *ca_only).await?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Healthcheck => {
@@ -782,8 +797,8 @@ async fn entry(cli: &Cli, cmd: &EntryCmd) -> Result<ExitCode, CliError> {
     Ok(ExitCode::SUCCESS)
 }
 
-async fn serve(cfg: trustline_ca::config::Validated) -> Result<(), CliError> {
-    let (running, join) = trustline_ca::server::start(cfg.clone(), shutdown_signal())
+async fn serve(cfg: crate::config::Validated) -> Result<(), CliError> {
+    let (running, join) = crate::server::start(cfg.clone(), shutdown_signal())
         .await
         .map_err(|e| msg(e.to_string()))?;
     println!(
@@ -826,7 +841,7 @@ async fn quickstart(dir: &Path, exit: bool, ca_only: bool) -> Result<(), CliErro
     }
     let cfg = Config::load(&cfg_path).map_err(|e| msg(e.to_string()))?;
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let (running, join) = trustline_ca::server::start(cfg.clone(), async move {
+    let (running, join) = crate::server::start(cfg.clone(), async move {
         let _ = stop_rx.await;
     })
     .await
@@ -894,28 +909,46 @@ async fn quickstart(dir: &Path, exit: bool, ca_only: bool) -> Result<(), CliErro
             .await
             .map_err(msg)?
     };
+    let mut last_trace = None;
     if mesh.is_some() {
-        for (method, path) in [("GET", "/api/hello"), ("GET", "/api/admin/users")] {
+        println!("\nThree requests through the mesh (curl -> web sidecar -> api sidecar -> api app):");
+        for (what, method, path) in [
+            ("allowed by policy web-reads-api", "GET", "/api/hello"),
+            ("denied by policy no-admin", "GET", "/api/admin/users"),
+            ("api calls payments: the caller chain", "POST", "/api/checkout"),
+        ] {
             let (status, body) = crate::demo_mesh::call(method, path).await.map_err(msg)?;
-            println!("[ok] web -> api {method} {path}: {status}\n     {}", body.trim());
+            println!("[ok] {method} {path} ({what}): {status}");
+            let v: serde_json::Value = serde_json::from_str(body.trim()).unwrap_or(serde_json::Value::Null);
+            if let Some(tp) = v.get("traceparent").and_then(|t| t.as_str()) {
+                last_trace = tp.split('-').nth(1).map(str::to_owned);
+            }
+            match v.get("payments") {
+                Some(p) => println!(
+                    "     api saw caller {} and called payments: {}\n     payments saw the verified caller chain {} (origin {}), so policy payments-start-at-web allowed it",
+                    v["x-forwarded-client-cert"].as_str().unwrap_or_default(),
+                    p["status"].as_str().unwrap_or_default(),
+                    p["body"]["caller_chain"],
+                    p["body"]["caller_chain"][0].as_str().unwrap_or("?"),
+                ),
+                None => println!("     {}", body.trim()),
+            }
         }
     }
     let sock = running.admin_socket.display();
-    let me = std::env::current_exe()
-        .map(|p| p.display().to_string())
-        .unwrap_or_else(|_| "trustline-ca".into());
+    let ca_cmd = crate::demo_mesh::command("ca");
     println!("\nTry, in another terminal:");
-    println!("  {me} --socket {sock} token generate");
-    println!("  {me} --socket {sock} issued list");
-    println!("  {me} --socket {sock} bundle show --format jwks");
+    println!("  {ca_cmd} --socket {sock} token generate");
+    println!("  {ca_cmd} --socket {sock} issued list");
+    println!("  {ca_cmd} --socket {sock} bundle show --format jwks");
     println!(
         "  openssl verify -CAfile {} {}",
         bundle_path.display(),
         svid_path.display()
     );
-    if mesh.is_some() {
+    if let Some(m) = &mesh {
         println!(
-            "  curl -s -H 'host: api' http://{}/api/hello        # through both sidecars",
+            "  curl -s -H 'host: api' http://{}/api/hello        # through the sidecars",
             crate::demo_mesh::WEB_OUTBOUND
         );
         println!(
@@ -923,8 +956,24 @@ async fn quickstart(dir: &Path, exit: bool, ca_only: bool) -> Result<(), CliErro
             crate::demo_mesh::WEB_OUTBOUND
         );
         println!(
-            "  edit {}/mesh/policies/*.yaml                      # reloaded within a second",
+            "  curl -s -H 'host: api' -X POST http://{}/api/checkout  # web -> api -> payments",
+            crate::demo_mesh::WEB_OUTBOUND
+        );
+        println!(
+            "  edit {}/mesh/policies/*/*.yaml                  # reloaded within a second",
             dir.display()
+        );
+        let dirs: Vec<String> = m.audit_dirs.iter().map(|d| d.display().to_string()).collect();
+        println!("\nAccountability logs (one per sidecar): {}", dirs.join("  "));
+        let audit = crate::demo_mesh::command("audit");
+        if let Some(t) = &last_trace {
+            println!("The last request, as a call tree from all three logs:");
+            println!("  {audit} trace {t} {}", dirs.join(" "));
+        }
+        println!(
+            "  {audit} verify --bundle {} {}",
+            bundle_path.display(),
+            dirs.join(" ")
         );
     }
     if !exit {

@@ -1,33 +1,77 @@
-//! `trustline-ca quickstart`'s local mesh: an identity agent, an app called `api` behind its sidecar, and a caller
-//! `web` with its own sidecar, all real processes on loopback, so the first command shows mutual TLS and policy
-//! on real requests.
+//! The local mesh of `trustline up` (and `trustline-ca quickstart`): an identity agent and three services, all
+//! real processes on loopback, so the first command shows mutual TLS, policy, the signed caller chain and the
+//! accountability log on real requests:
 //!
-//! The agent tells the two sidecars apart by executable path (`unix:path`), so each gets a private copy of the
-//! `trustline-sidecar` binary under `<dir>/mesh/bin/<name>/`; in production each service's sidecar usually runs
-//! as its own uid and is registered by `unix:uid`.
+//! ```text
+//! curl --plaintext--> web sidecar (outbound, 127.0.0.1:15001) ==mTLS==> api sidecar (inbound, policy) --> api app
+//! api app --plaintext--> api sidecar (outbound) ==mTLS + caller chain==> payments sidecar (inbound) --> payments app
+//! ```
+//!
+//! The agent tells the sidecars apart by executable path (`unix:path`), so each gets a private copy of the
+//! sidecar binary under `<dir>/mesh/bin/<name>/`; in production each service's sidecar usually runs as its own uid
+//! and is registered by `unix:uid`.
 
 use std::net::SocketAddr;
 use std::path::Path;
 use std::process::Stdio;
 use std::time::Duration;
 
+use crate::admin_api;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::process::{Child, Command};
-use trustline_ca::admin_api;
 use trustline_proto::admin as pb;
 
 /// The fixed address of web's outbound listener, for the tour (`curl -H 'host: api' http://127.0.0.1:15001/...`).
 pub const WEB_OUTBOUND: &str = "127.0.0.1:15001";
 const NODE: &str = "spiffe://example.org/node/quickstart";
 
-const ALLOW: &str = "# Written by trustline-ca quickstart: web may GET and POST under /api/.\n\
+const ALLOW: &str = "# Written by the local mesh: web may GET and POST under /api/.\n\
 name: web-reads-api\naction: ALLOW\nrules:\n  - from:\n      - source:\n          principals: [\"spiffe://example.org/web\"]\n    to:\n      - operation:\n          methods: [GET, POST]\n          paths: [\"/api/*\"]\n";
-const DENY: &str = "# Written by trustline-ca quickstart: nobody reaches /api/admin.\n\
+const DENY: &str = "# Written by the local mesh: nobody reaches /api/admin.\n\
 name: no-admin\naction: DENY\nrules:\n  - to:\n      - operation:\n          paths: [\"/api/admin*\"]\n";
+const PAYMENTS: &str = "# Written by the local mesh: payments takes calls from api, and only for requests that started at web\n\
+# (the verified caller chain's first caller).\n\
+name: payments-start-at-web\naction: ALLOW\nrules:\n  - from:\n      - source:\n          principals: [\"spiffe://example.org/api\"]\n    to:\n      - operation:\n          paths: [\"/payments/*\"]\n    when:\n      - key: request.chain.origin\n        values: [\"spiffe://example.org/web\"]\n";
+
+/// How the agent and the sidecars are started: as the separate binaries next to this one, or as subcommands of
+/// the `trustline` multi-call binary.
+static MULTICALL: std::sync::OnceLock<std::path::PathBuf> = std::sync::OnceLock::new();
+
+/// Makes the mesh start the agent and sidecars as `<exe> agent …` and `<exe> sidecar …` (the `trustline`
+/// multi-call binary calls this before `up`).
+pub fn use_multicall(exe: std::path::PathBuf) {
+    let _ = MULTICALL.set(exe);
+}
+
+/// The command line that runs `tool` (`ca`, `agent`, `sidecar`, `audit`), for the hints printed to the user.
+pub fn command(tool: &str) -> String {
+    match MULTICALL.get() {
+        Some(exe) => format!("{} {tool}", exe.display()),
+        None => {
+            let here = std::env::current_exe()
+                .ok()
+                .and_then(|p| p.parent().map(Path::to_path_buf))
+                .unwrap_or_default();
+            here.join(format!("trustline-{tool}")).display().to_string()
+        }
+    }
+}
+
+/// (binary, leading arguments) that run `tool`, if it is built.
+fn launcher(tool: &str) -> Option<(std::path::PathBuf, Vec<String>)> {
+    if let Some(exe) = MULTICALL.get() {
+        return Some((exe.clone(), vec![tool.to_owned()]));
+    }
+    let here = std::env::current_exe().ok()?.parent()?.to_path_buf();
+    let p = here.join(format!("trustline-{tool}"));
+    p.exists().then_some((p, Vec::new()))
+}
 
 /// The running mesh; [`stop`](Self::stop) ends its processes.
 pub struct DemoMesh {
     children: Vec<(String, Child)>,
+    /// The sidecars' accountability logs.
+    pub audit_dirs: Vec<std::path::PathBuf>,
 }
 
 fn err(what: &str, e: impl std::fmt::Display) -> String {
@@ -45,7 +89,7 @@ fn install(from: &Path, to: &Path) -> Result<(), String> {
 async fn spawn(
     name: &str,
     exe: &Path,
-    args: &[&str],
+    args: &[String],
     log: &Path,
     ready: &str,
 ) -> Result<(Child, String), String> {
@@ -70,38 +114,90 @@ async fn spawn(
     })
     .await
     .ok()
-    .flatten()
-    .ok_or_else(|| err(name, format!("did not start; see {}", log.display())))?;
+    .flatten();
+    let Some(line) = line else {
+        let status = child.try_wait().ok().flatten();
+        let _ = child.start_kill();
+        // Say why: the last lines the process wrote (its errors are one line each).
+        let text = std::fs::read_to_string(log).unwrap_or_default();
+        let tail: Vec<&str> = text.lines().rev().take(3).collect();
+        let why = tail.into_iter().rev().collect::<Vec<_>>().join(" | ");
+        return Err(err(
+            name,
+            format!(
+                "did not start ({}): {} (full log: {})",
+                status.map_or("no ready line within 30 s".to_owned(), |s| s.to_string()),
+                if why.is_empty() { "no output" } else { &why },
+                log.display()
+            ),
+        ));
+    };
     // Keep draining stdout so the child never blocks on a full pipe.
     tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
     Ok((child, line))
 }
 
-/// A tiny app for the demo: answers every request with JSON naming the caller the sidecar vouched for.
-async fn app() -> Result<SocketAddr, String> {
+/// The first callers of a `trustline-caller-chain` value, oldest first (display only: the sidecar in front of
+/// the app verified every hop before passing the header on).
+fn chain_callers(value: &str) -> Vec<String> {
+    use base64::Engine as _;
+    value
+        .split(',')
+        .filter_map(|hop| hop.split('.').next())
+        .filter_map(|p| base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(p).ok())
+        .filter_map(|j| serde_json::from_slice::<serde_json::Value>(&j).ok())
+        .filter_map(|v| v.get("from").and_then(|f| f.as_str()).map(str::to_owned))
+        .collect()
+}
+
+fn header(req: &axum::extract::Request, name: &str) -> String {
+    req.headers()
+        .get(name)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_owned()
+}
+
+/// A tiny app for the demo: answers every request with JSON naming the caller the sidecar vouched for and the
+/// verified caller chain. `api`'s `/api/checkout` calls `payments` through api's own sidecar (`onward`),
+/// propagating the caller chain and `traceparent` as an instrumented app does.
+async fn app(
+    service: &'static str,
+    onward: Option<std::sync::Arc<std::sync::OnceLock<String>>>,
+) -> Result<SocketAddr, String> {
     let l = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
-        .map_err(|e| err("app listener", e))?;
-    let addr = l.local_addr().map_err(|e| err("app listener", e))?;
-    let router = axum::Router::new().fallback(|req: axum::extract::Request| async move {
-        let caller = req
-            .headers()
-            .get("x-forwarded-client-cert")
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or("")
-            .to_owned();
-        let trace = req
-            .headers()
-            .get("traceparent")
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or("")
-            .to_owned();
-        axum::Json(serde_json::json!({
-            "service": "api",
-            "path": req.uri().path(),
-            "x-forwarded-client-cert": caller,
-            "traceparent": trace,
-        }))
+        .map_err(|e| err(&format!("{service} app listener"), e))?;
+    let addr = l
+        .local_addr()
+        .map_err(|e| err(&format!("{service} app listener"), e))?;
+    let router = axum::Router::new().fallback(move |req: axum::extract::Request| {
+        let onward = onward.clone();
+        async move {
+            let chain = header(&req, "trustline-caller-chain");
+            let trace = header(&req, "traceparent");
+            let mut out = serde_json::json!({
+                "service": service,
+                "path": req.uri().path(),
+                "x-forwarded-client-cert": header(&req, "x-forwarded-client-cert"),
+                "caller_chain": chain_callers(&chain),
+                "traceparent": trace,
+            });
+            if let (Some(via), "/api/checkout") = (onward.as_ref().and_then(|o| o.get()), req.uri().path()) {
+                let mut extra = vec![("traceparent", trace.as_str())];
+                if !chain.is_empty() {
+                    extra.push(("trustline-caller-chain", chain.as_str()));
+                }
+                out["payments"] = match request(via, "POST", "payments", "/payments/charge", &extra).await {
+                    Ok((status, body)) => serde_json::json!({
+                        "status": status,
+                        "body": serde_json::from_str::<serde_json::Value>(body.trim()).unwrap_or(serde_json::Value::String(body)),
+                    }),
+                    Err(e) => serde_json::Value::String(e),
+                };
+            }
+            axum::Json(out)
+        }
     });
     tokio::spawn(async move {
         let _ = axum::serve(l, router).await;
@@ -109,34 +205,33 @@ async fn app() -> Result<SocketAddr, String> {
     Ok(addr)
 }
 
-/// Starts the agent, the app and both sidecars. `Ok(None)` when the agent or sidecar binary is not built.
+/// One sidecar of the mesh: registered by the path of its private binary copy, configured, started.
+struct SidecarSpec<'a> {
+    name: &'static str,
+    body: String,
+    policies: &'a [(&'a str, &'a str)],
+}
+
+/// Starts the agent, the apps and the three sidecars. `Ok(None)` when the agent or sidecar binary is not built.
 pub async fn start(
     dir: &Path,
     admin_socket: &Path,
     agent_addr: SocketAddr,
     bundle_pem: &Path,
 ) -> Result<Option<DemoMesh>, String> {
-    let here = std::env::current_exe()
-        .ok()
-        .and_then(|p| p.parent().map(Path::to_path_buf))
-        .unwrap_or_default();
-    let (agent_bin, sidecar_bin) = (here.join("trustline-agent"), here.join("trustline-sidecar"));
-    if !agent_bin.exists() || !sidecar_bin.exists() {
+    let (Some((agent_bin, agent_pre)), Some((sidecar_bin, sidecar_pre))) =
+        (launcher("agent"), launcher("sidecar"))
+    else {
         println!(
-            "[--] local mesh skipped: trustline-agent and trustline-sidecar are not built next to {}\n     \
-             (build everything with: cargo build --release --workspace --bins)",
-            here.display()
+            "[--] local mesh skipped: trustline-agent and trustline-sidecar are not built next to this binary\n     \
+             (run `cargo run --release -- up` from the repository, or build everything with\n     \
+             cargo build --release --workspace --bins)"
         );
         return Ok(None);
-    }
+    };
     let mesh = dir.join("mesh");
     let logs = mesh.join("logs");
-    for d in [
-        &logs,
-        &mesh.join("policies"),
-        &mesh.join("bin/web"),
-        &mesh.join("bin/api"),
-    ] {
+    for d in [&logs, &mesh.join("audit")] {
         std::fs::create_dir_all(d).map_err(|e| err(&d.display().to_string(), e))?;
     }
     let mut c = admin_api::connect(admin_socket)
@@ -149,18 +244,19 @@ pub async fn start(
     std::fs::write(
         &agent_cfg,
         format!(
-            "# Written by trustline-ca quickstart.\ntrust_domain = \"example.org\"\nca_address = \"{agent_addr}\"\ntrust_bundle = \"{}\"\ndata_dir = \"{}\"\n\n[keys]\nkey_file = \"{}\"\n",
+            "# Written by the local mesh.\ntrust_domain = \"example.org\"\nca_address = \"{agent_addr}\"\ntrust_bundle = \"{}\"\ndata_dir = \"{}\"\n\n[keys]\nkey_file = \"{}\"\n",
             bundle_pem.display(),
             agent_dir.display(),
             mesh.join("agent-seal.key").display()
         ),
     )
     .map_err(|e| err("agent config", e))?;
-    let mut agent_args = vec![
+    let mut agent_args = agent_pre;
+    agent_args.extend([
         "run".to_owned(),
         "--config".to_owned(),
         agent_cfg.display().to_string(),
-    ];
+    ]);
     if !agent_dir.join("agent-svid.json").exists() {
         let t = c
             .generate_join_token(pb::GenerateJoinTokenRequest {
@@ -172,11 +268,10 @@ pub async fn start(
             .into_inner();
         agent_args.extend(["--join-token".to_owned(), t.token]);
     }
-    let args: Vec<&str> = agent_args.iter().map(String::as_str).collect();
     let (agent, line) = spawn(
-        "agent",
+        "identity agent",
         &agent_bin,
-        &args,
+        &agent_args,
         &logs.join("agent.log"),
         "trustline-agent ready:",
     )
@@ -185,12 +280,14 @@ pub async fn start(
         .split(", ")
         .find_map(|p| p.strip_prefix("Workload API socket "))
         .map(str::trim)
-        .ok_or_else(|| err("agent", "no Workload API socket in its ready line"))?
+        .ok_or_else(|| err("identity agent", "no Workload API socket in its ready line"))?
         .to_owned();
-    let mut children = vec![("agent".to_owned(), agent)];
+    let mut m = DemoMesh {
+        children: vec![("identity agent".to_owned(), agent)],
+        audit_dirs: Vec::new(),
+    };
     println!("[ok] identity agent attested as {NODE}; Workload API at {socket}");
 
-    // One registration entry per sidecar, selected by its binary's path.
     let existing = c
         .list_entries(pb::ListEntriesRequest {
             spiffe_id: String::new(),
@@ -201,91 +298,110 @@ pub async fn start(
         .map_err(|s| err("list entries", s.message()))?
         .into_inner()
         .entries;
-    for name in ["web", "api"] {
-        let exe = mesh.join("bin").join(name).join("trustline-sidecar");
-        install(&sidecar_bin, &exe)?;
-        let id = format!("spiffe://example.org/{name}");
-        if !existing.iter().any(|e| e.spiffe_id == id) {
-            c.create_entry(pb::CreateEntryRequest {
-                spec: Some(pb::EntrySpec {
-                    spiffe_id: id.clone(),
-                    parent_id: NODE.into(),
-                    selectors: vec![format!("unix:path:{}", exe.display())],
-                    ..Default::default()
-                }),
-            })
-            .await
-            .map_err(|s| err("create entry", s.message()))?;
-        }
-    }
 
-    let app = app().await?;
-    for (file, text) in [("10-allow.yaml", ALLOW), ("20-no-admin.yaml", DENY)] {
-        let p = mesh.join("policies").join(file);
-        if !p.exists() {
-            std::fs::write(&p, text).map_err(|e| err(&p.display().to_string(), e))?;
-        }
-    }
-    let common = format!("workload_api_socket = \"{socket}\"\nmetrics_listen = \"127.0.0.1:0\"\n");
-    let api_cfg = mesh.join("api.toml");
-    std::fs::write(
-        &api_cfg,
-        format!(
-            "# Written by trustline-ca quickstart: the api service's sidecar.\n{common}policy_dir = \"{}\"\n\n[[inbound]]\nlisten = \"127.0.0.1:0\"\napp = \"{app}\"\n",
-            mesh.join("policies").display()
-        ),
-    )
-    .map_err(|e| err("api config", e))?;
-    let api_exe = mesh.join("bin/api/trustline-sidecar");
-    let (api, line) = spawn(
-        "api sidecar",
-        &api_exe,
-        &["run", "--config", &api_cfg.display().to_string()],
-        &logs.join("api.log"),
-        "trustline-sidecar ready:",
+    // payments, then api (which calls payments), then web (which calls api): each sidecar starts once its
+    // upstream is listening.
+    let payments_app = app("payments", None).await?;
+    let payments_in = m
+        .sidecar(
+            &mut c,
+            &existing,
+            &mesh,
+            &socket,
+            &sidecar_bin,
+            &sidecar_pre,
+            SidecarSpec {
+                name: "payments",
+                body: format!("[[inbound]]\nlisten = \"127.0.0.1:0\"\napp = \"{payments_app}\"\n"),
+                policies: &[("10-payments-start-at-web.yaml", PAYMENTS)],
+            },
+        )
+        .await?;
+    let onward = std::sync::Arc::new(std::sync::OnceLock::new());
+    let api_app = app("api", Some(onward.clone())).await?;
+    let api_line = m
+        .sidecar(
+            &mut c,
+            &existing,
+            &mesh,
+            &socket,
+            &sidecar_bin,
+            &sidecar_pre,
+            SidecarSpec {
+                name: "api",
+                body: format!(
+                    "[[inbound]]\nlisten = \"127.0.0.1:0\"\napp = \"{api_app}\"\n\n[[outbound]]\nlisten = \"127.0.0.1:0\"\n[[outbound.route]]\nhost = \"payments\"\nupstream = \"{}\"\nspiffe_ids = [\"spiffe://example.org/payments\"]\n",
+                    first(&payments_in, "inbound=")
+                ),
+                policies: &[("10-allow.yaml", ALLOW), ("20-no-admin.yaml", DENY)],
+            },
+        )
+        .await?;
+    let _ = onward.set(first(&api_line, "outbound="));
+    let api_in = first(&api_line, "inbound=");
+    m.sidecar(
+        &mut c,
+        &existing,
+        &mesh,
+        &socket,
+        &sidecar_bin,
+        &sidecar_pre,
+        SidecarSpec {
+            name: "web",
+            body: format!(
+                "[[outbound]]\nlisten = \"{WEB_OUTBOUND}\"\n[[outbound.route]]\nhost = \"api\"\nupstream = \"{api_in}\"\nspiffe_ids = [\"spiffe://example.org/api\"]\n"
+            ),
+            policies: &[],
+        },
     )
     .await?;
-    children.push(("api sidecar".into(), api));
-    let api_in = line
-        .split_whitespace()
-        .find_map(|p| p.strip_prefix("inbound="))
-        .unwrap_or_default()
-        .to_owned();
-    let web_cfg = mesh.join("web.toml");
-    std::fs::write(
-        &web_cfg,
-        format!(
-            "# Written by trustline-ca quickstart: the web service's sidecar.\n{common}\n[[outbound]]\nlisten = \"{WEB_OUTBOUND}\"\n[[outbound.route]]\nhost = \"api\"\nupstream = \"{api_in}\"\nspiffe_ids = [\"spiffe://example.org/api\"]\n"
-        ),
-    )
-    .map_err(|e| err("web config", e))?;
-    let web_exe = mesh.join("bin/web/trustline-sidecar");
-    let (web, _) = spawn(
-        "web sidecar",
-        &web_exe,
-        &["run", "--config", &web_cfg.display().to_string()],
-        &logs.join("web.log"),
-        "trustline-sidecar ready:",
-    )
-    .await?;
-    children.push(("web sidecar".into(), web));
-    println!("[ok] local mesh: web --plaintext--> {WEB_OUTBOUND} (web sidecar) ==mTLS==> {api_in} (api sidecar, policy) --> app {app}");
+    println!("[ok] local mesh:");
+    println!("     curl --> {WEB_OUTBOUND} (web sidecar) ==mTLS==> {api_in} (api sidecar, policy) --> api app {api_app}");
     println!(
-        "     policies: {}   logs: {}",
-        mesh.join("policies").display(),
+        "     api app --> api sidecar ==mTLS + caller chain==> {} (payments sidecar, policy) --> payments app {payments_app}",
+        first(&payments_in, "inbound=")
+    );
+    println!(
+        "     config and policies: {}   process logs: {}",
+        mesh.display(),
         logs.display()
     );
-    Ok(Some(DemoMesh { children }))
+    Ok(Some(m))
+}
+
+/// The first address after `key` in a sidecar's ready line.
+fn first(ready: &str, key: &str) -> String {
+    ready
+        .split_whitespace()
+        .find_map(|p| p.strip_prefix(key))
+        .and_then(|v| v.split(',').next())
+        .unwrap_or_default()
+        .to_owned()
 }
 
 /// One HTTP/1.1 request through web's sidecar; returns the status line and body.
 pub async fn call(method: &str, path: &str) -> Result<(String, String), String> {
-    let mut s = tokio::net::TcpStream::connect(WEB_OUTBOUND)
+    request(WEB_OUTBOUND, method, "api", path, &[]).await
+}
+
+/// One HTTP/1.1 request to `addr` with `Host: host` and extra headers; returns the status line and body.
+async fn request(
+    addr: &str,
+    method: &str,
+    host: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> Result<(String, String), String> {
+    let mut s = tokio::net::TcpStream::connect(addr)
         .await
-        .map_err(|e| err("connect", e))?;
-    s.write_all(format!("{method} {path} HTTP/1.1\r\nhost: api\r\nconnection: close\r\n\r\n").as_bytes())
-        .await
-        .map_err(|e| err("send", e))?;
+        .map_err(|e| err(&format!("connect {addr}"), e))?;
+    let mut head =
+        format!("{method} {path} HTTP/1.1\r\nhost: {host}\r\nconnection: close\r\ncontent-length: 0\r\n");
+    for (k, v) in headers {
+        head.push_str(&format!("{k}: {v}\r\n"));
+    }
+    head.push_str("\r\n");
+    s.write_all(head.as_bytes()).await.map_err(|e| err("send", e))?;
     let mut out = String::new();
     tokio::time::timeout(Duration::from_secs(10), s.read_to_string(&mut out))
         .await
@@ -300,6 +416,76 @@ pub async fn call(method: &str, path: &str) -> Result<(String, String), String> 
 }
 
 impl DemoMesh {
+    /// Registers (once), configures and starts one sidecar; returns its ready line.
+    #[allow(clippy::too_many_arguments)]
+    async fn sidecar(
+        &mut self,
+        c: &mut pb::admin_client::AdminClient<tonic::transport::Channel>,
+        existing: &[trustline_proto::agent::Entry],
+        mesh: &Path,
+        socket: &str,
+        bin: &Path,
+        pre: &[String],
+        spec: SidecarSpec<'_>,
+    ) -> Result<String, String> {
+        let name = spec.name;
+        let exe_dir = mesh.join("bin").join(name);
+        std::fs::create_dir_all(&exe_dir).map_err(|e| err(&exe_dir.display().to_string(), e))?;
+        let exe = exe_dir.join(bin.file_name().unwrap_or_default());
+        install(bin, &exe)?;
+        let id = format!("spiffe://example.org/{name}");
+        if !existing.iter().any(|e| e.spiffe_id == id) {
+            c.create_entry(pb::CreateEntryRequest {
+                spec: Some(pb::EntrySpec {
+                    spiffe_id: id.clone(),
+                    parent_id: NODE.into(),
+                    selectors: vec![format!("unix:path:{}", exe.display())],
+                    ..Default::default()
+                }),
+            })
+            .await
+            .map_err(|s| err(&format!("{name}: create entry"), s.message()))?;
+        }
+        let policies = mesh.join("policies").join(name);
+        std::fs::create_dir_all(&policies).map_err(|e| err(&policies.display().to_string(), e))?;
+        for (file, text) in spec.policies {
+            let p = policies.join(file);
+            if !p.exists() {
+                std::fs::write(&p, text).map_err(|e| err(&p.display().to_string(), e))?;
+            }
+        }
+        let audit = mesh.join("audit").join(name);
+        let cfg = mesh.join(format!("{name}.toml"));
+        std::fs::write(
+            &cfg,
+            format!(
+                "# Written by the local mesh: the {name} service's sidecar.\nworkload_api_socket = \"{socket}\"\nmetrics_listen = \"127.0.0.1:0\"\npolicy_dir = \"{}\"\n\n[log]\ndir = \"{}\"\n\n{}",
+                policies.display(),
+                audit.display(),
+                spec.body
+            ),
+        )
+        .map_err(|e| err(&format!("{name} sidecar config"), e))?;
+        let mut args = pre.to_vec();
+        args.extend(["run".to_owned(), "--config".to_owned(), cfg.display().to_string()]);
+        let label = format!("{name} sidecar");
+        let (child, line) = spawn(
+            &label,
+            &exe,
+            &args,
+            &mesh.join("logs").join(format!("{name}.log")),
+            "trustline-sidecar ready:",
+        )
+        .await?;
+        self.children.push((label, child));
+        self.audit_dirs.push(audit);
+        println!(
+            "[ok] {name} sidecar is {id}: {}",
+            line.trim_start_matches("trustline-sidecar ready: ")
+        );
+        Ok(line)
+    }
+
     /// SIGTERM to every process (they drain), then wait.
     pub async fn stop(mut self) {
         for (_, c) in self.children.iter_mut().rev() {

@@ -13,7 +13,9 @@
 pub mod admin_api;
 pub mod agent_api;
 pub mod authority;
+pub mod cli;
 pub mod config;
+pub mod demo_mesh;
 pub mod devid;
 pub mod jwt;
 pub mod metrics;

@@ -13,6 +13,7 @@
 
 pub mod agent;
 pub mod attest;
+pub mod cli;
 pub mod config;
 pub mod h2_authority;
 pub mod http_api;

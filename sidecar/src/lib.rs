@@ -16,6 +16,7 @@
 #![warn(missing_docs)]
 
 pub mod chain;
+pub mod cli;
 pub mod config;
 pub mod metrics;
 pub mod policy;
