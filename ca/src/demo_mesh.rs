@@ -205,6 +205,16 @@ async fn app(
     Ok(addr)
 }
 
+/// What starting a sidecar needs from the mesh.
+struct Ctx<'a> {
+    admin: pb::admin_client::AdminClient<tonic::transport::Channel>,
+    existing: Vec<trustline_proto::agent::Entry>,
+    mesh: &'a Path,
+    socket: String,
+    bin: std::path::PathBuf,
+    pre: Vec<String>,
+}
+
 /// One sidecar of the mesh: registered by the path of its private binary copy, configured, started.
 struct SidecarSpec<'a> {
     name: &'static str,
@@ -299,17 +309,20 @@ pub async fn start(
         .into_inner()
         .entries;
 
+    let mut ctx = Ctx {
+        admin: c,
+        existing,
+        mesh: &mesh,
+        socket,
+        bin: sidecar_bin,
+        pre: sidecar_pre,
+    };
     // payments, then api (which calls payments), then web (which calls api): each sidecar starts once its
     // upstream is listening.
     let payments_app = app("payments", None).await?;
     let payments_in = m
         .sidecar(
-            &mut c,
-            &existing,
-            &mesh,
-            &socket,
-            &sidecar_bin,
-            &sidecar_pre,
+            &mut ctx,
             SidecarSpec {
                 name: "payments",
                 body: format!("[[inbound]]\nlisten = \"127.0.0.1:0\"\napp = \"{payments_app}\"\n"),
@@ -319,14 +332,8 @@ pub async fn start(
         .await?;
     let onward = std::sync::Arc::new(std::sync::OnceLock::new());
     let api_app = app("api", Some(onward.clone())).await?;
-    let api_line = m
-        .sidecar(
-            &mut c,
-            &existing,
-            &mesh,
-            &socket,
-            &sidecar_bin,
-            &sidecar_pre,
+    let api_line = m.sidecar(
+            &mut ctx,
             SidecarSpec {
                 name: "api",
                 body: format!(
@@ -340,13 +347,8 @@ pub async fn start(
     let _ = onward.set(first(&api_line, "outbound="));
     let api_in = first(&api_line, "inbound=");
     m.sidecar(
-        &mut c,
-        &existing,
-        &mesh,
-        &socket,
-        &sidecar_bin,
-        &sidecar_pre,
-        SidecarSpec {
+            &mut ctx,
+            SidecarSpec {
             name: "web",
             body: format!(
                 "[[outbound]]\nlisten = \"{WEB_OUTBOUND}\"\n[[outbound.route]]\nhost = \"api\"\nupstream = \"{api_in}\"\nspiffe_ids = [\"spiffe://example.org/api\"]\n"
@@ -417,34 +419,32 @@ async fn request(
 
 impl DemoMesh {
     /// Registers (once), configures and starts one sidecar; returns its ready line.
-    #[allow(clippy::too_many_arguments)]
-    async fn sidecar(
-        &mut self,
-        c: &mut pb::admin_client::AdminClient<tonic::transport::Channel>,
-        existing: &[trustline_proto::agent::Entry],
-        mesh: &Path,
-        socket: &str,
-        bin: &Path,
-        pre: &[String],
-        spec: SidecarSpec<'_>,
-    ) -> Result<String, String> {
+    async fn sidecar(&mut self, ctx: &mut Ctx<'_>, spec: SidecarSpec<'_>) -> Result<String, String> {
+        let (mesh, socket, bin, pre) = (
+            ctx.mesh,
+            ctx.socket.as_str(),
+            ctx.bin.as_path(),
+            ctx.pre.as_slice(),
+        );
         let name = spec.name;
         let exe_dir = mesh.join("bin").join(name);
         std::fs::create_dir_all(&exe_dir).map_err(|e| err(&exe_dir.display().to_string(), e))?;
         let exe = exe_dir.join(bin.file_name().unwrap_or_default());
         install(bin, &exe)?;
         let id = format!("spiffe://example.org/{name}");
-        if !existing.iter().any(|e| e.spiffe_id == id) {
-            c.create_entry(pb::CreateEntryRequest {
-                spec: Some(pb::EntrySpec {
-                    spiffe_id: id.clone(),
-                    parent_id: NODE.into(),
-                    selectors: vec![format!("unix:path:{}", exe.display())],
-                    ..Default::default()
-                }),
-            })
-            .await
-            .map_err(|s| err(&format!("{name}: create entry"), s.message()))?;
+        if !ctx.existing.iter().any(|e| e.spiffe_id == id) {
+            ctx.admin
+                .clone()
+                .create_entry(pb::CreateEntryRequest {
+                    spec: Some(pb::EntrySpec {
+                        spiffe_id: id.clone(),
+                        parent_id: NODE.into(),
+                        selectors: vec![format!("unix:path:{}", exe.display())],
+                        ..Default::default()
+                    }),
+                })
+                .await
+                .map_err(|s| err(&format!("{name}: create entry"), s.message()))?;
         }
         let policies = mesh.join("policies").join(name);
         std::fs::create_dir_all(&policies).map_err(|e| err(&policies.display().to_string(), e))?;
