@@ -129,9 +129,9 @@ pub fn open_keystore(cfg: &Validated) -> Result<KeyStore, ServerError> {
     let soft = if let Some(path) = &k.key_file {
         SoftwareKeyStore::from_key_file(path).map_err(|e| ServerError::Keys(e.to_string()))?
     } else if let Some(path) = &k.passphrase_file {
-        let text = std::fs::read_to_string(path).map_err(io_err(path))?;
-        let pass = text.lines().next().unwrap_or("");
-        SoftwareKeyStore::from_passphrase(pass)
+        let pass = trustline_hsm::read_secret_file(path)
+            .map_err(|e| ServerError::Keys(format!("keys.passphrase_file: {e}")))?;
+        SoftwareKeyStore::from_passphrase(&pass)
             .map_err(|e| ServerError::Keys(format!("keys.passphrase_file {}: {e}", path.display())))?
     } else if let Ok(pass) = std::env::var(PASSPHRASE_ENV) {
         SoftwareKeyStore::from_passphrase(&pass)
@@ -164,13 +164,9 @@ pub async fn open_store(cfg: &Validated) -> Result<Store, ServerError> {
         } => {
             let mut conninfo = conninfo.clone();
             if let Some(pf) = password_file {
-                let pw = std::fs::read_to_string(pf).map_err(io_err(pf))?;
-                let pw = pw
-                    .lines()
-                    .next()
-                    .unwrap_or("")
-                    .replace('\\', "\\\\")
-                    .replace('\'', "\\'");
+                let pw = trustline_hsm::read_secret_file(pf)
+                    .map_err(|e| ServerError::Keys(format!("store.password_file: {e}")))?;
+                let pw = pw.replace('\\', "\\\\").replace('\'', "\\'");
                 conninfo.push_str(&format!(" password='{pw}'"));
             }
             StoreConfig::Postgres { conninfo }

@@ -430,7 +430,13 @@ impl Ca {
             created_at: now,
         };
         self.store.create_join_token(&jt).await?;
-        tracing::info!(agent_id = %jt.agent_spiffe_id, expires_at = jt.expires_at, "join token generated");
+        // An agent ID derived from the token contains it: log it only when the operator chose the ID.
+        let logged_id = if jt.agent_spiffe_id.contains(&jt.token) {
+            join_token_agent_id(&self.td, "<token>")
+        } else {
+            jt.agent_spiffe_id.clone()
+        };
+        tracing::info!(agent_id = %logged_id, expires_at = jt.expires_at, "join token generated");
         Ok(jt)
     }
 

@@ -254,6 +254,32 @@ pub trait Signer: Send + Sync + fmt::Debug {
     fn sign(&self, alg: SignatureAlgorithm, msg: &[u8]) -> Result<Vec<u8>, HsmError>;
 }
 
+/// Reads the first line of a secret file (a passphrase, PIN or password), refusing a file that group or others
+/// can read, as for key files. The line is trimmed; an empty one is refused.
+pub fn read_secret_file(path: &std::path::Path) -> Result<zeroize::Zeroizing<String>, HsmError> {
+    use std::os::unix::fs::PermissionsExt;
+    let io = |source| HsmError::Io {
+        path: path.to_owned(),
+        source,
+    };
+    let mode = std::fs::metadata(path).map_err(io)?.permissions().mode() & 0o777;
+    if mode & 0o077 != 0 {
+        return Err(HsmError::KeyFilePermissions {
+            path: path.to_owned(),
+            mode,
+        });
+    }
+    let text = zeroize::Zeroizing::new(std::fs::read_to_string(path).map_err(io)?);
+    let line = text.lines().next().unwrap_or_default().trim().to_owned();
+    if line.is_empty() {
+        return Err(HsmError::BadKeyFile {
+            path: path.to_owned(),
+            reason: "the first line is empty".into(),
+        });
+    }
+    Ok(zeroize::Zeroizing::new(line))
+}
+
 /// Converts a fixed-width `r || s` signature (JWS form) to DER `SEQUENCE { INTEGER r, INTEGER s }`.
 pub fn ecdsa_fixed_to_der(rs: &[u8]) -> Vec<u8> {
     pkcs11::fixed_to_der(rs)

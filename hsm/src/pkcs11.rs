@@ -57,20 +57,9 @@ impl fmt::Debug for Pkcs11Config {
     }
 }
 
-/// Reads a PIN from the first line of `path`.
+/// Reads a PIN from the first line of `path` (mode 0600 or stricter).
 pub fn pin_from_file(path: &Path) -> Result<String, HsmError> {
-    let text = std::fs::read_to_string(path).map_err(|source| HsmError::Io {
-        path: path.to_owned(),
-        source,
-    })?;
-    let pin = text.lines().next().unwrap_or_default().trim().to_owned();
-    if pin.is_empty() {
-        return Err(HsmError::BadKeyFile {
-            path: path.to_owned(),
-            reason: "the PIN file is empty".into(),
-        });
-    }
-    Ok(pin)
+    crate::read_secret_file(path).map(|p| p.to_string())
 }
 
 /// The token: the module, how to find it, and the one logged-in session every key of the store shares. A failed

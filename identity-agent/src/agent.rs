@@ -258,8 +258,7 @@ pub struct Agent {
 fn open_keystore(cfg: &Validated) -> Result<KeyStore, AgentError> {
     let k = &cfg.raw.keys;
     let store = if let Some(p) = &k.passphrase_file {
-        let text = std::fs::read_to_string(p).map_err(|e| file_err(p, e))?;
-        SoftwareKeyStore::from_passphrase(text.lines().next().unwrap_or(""))?
+        SoftwareKeyStore::from_passphrase(&trustline_hsm::read_secret_file(p)?)?
     } else {
         let p = k
             .key_file

@@ -381,6 +381,12 @@ async fn agents_attest_with_one_time_tokens_and_fetch_what_their_node_may_issue(
     // Join token -> agent SVID; the token is then spent.
     let (tok, agent_id) = token(&ca, &[]);
     assert!(agent_id.starts_with("spiffe://example.org/trustline/agent/join_token/"));
+    // The token is a secret until spent: the CA's log names the agent without it.
+    let logged = ca.logs.lock().unwrap().join("\n");
+    assert!(
+        logged.contains("join token generated") && !logged.contains(&tok),
+        "{logged}"
+    );
     let (agent_key, resp) = attest(&ca, &tok).await.unwrap();
     let svid = resp.svid.unwrap();
     assert_eq!(svid.spiffe_id, agent_id);

@@ -79,6 +79,12 @@ fn the_ca_signs_with_keys_that_live_in_a_pkcs11_token() {
     std::env::set_var("SOFTHSM2_CONF", &conf);
     let pin = tmp.path().join("pin");
     std::fs::write(&pin, "1234\n").unwrap();
+    // A PIN file others can read is refused (like key files), naming it.
+    let loose = trustline_hsm::pkcs11::pin_from_file(&pin)
+        .unwrap_err()
+        .to_string();
+    assert!(loose.contains("pin") && loose.contains("644"), "{loose}");
+    std::fs::set_permissions(&pin, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
 
     let dir = tmp.path().join("ca");
     let cfg = format!(
