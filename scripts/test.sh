@@ -56,9 +56,20 @@ else
   run_pg() { "$@"; }
 fi
 run_pg "$PG_BIN/initdb" -D "$PG_DIR/data" -A trust -U postgres >/dev/null
+# TLS for the store tests: a throwaway CA and a server certificate for 127.0.0.1 and localhost.
+openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -keyout "$PG_DIR/ca.key" \
+  -out "$PG_DIR/ca.crt" -days 2 -subj "/CN=trustline test PostgreSQL CA" 2>/dev/null
+openssl req -new -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -keyout "$PG_DIR/server.key" \
+  -out "$PG_DIR/server.csr" -subj "/CN=localhost" 2>/dev/null
+printf 'subjectAltName = IP:127.0.0.1, DNS:localhost\n' > "$PG_DIR/server.ext"
+openssl x509 -req -in "$PG_DIR/server.csr" -CA "$PG_DIR/ca.crt" -CAkey "$PG_DIR/ca.key" -CAcreateserial \
+  -days 2 -extfile "$PG_DIR/server.ext" -out "$PG_DIR/server.crt" 2>/dev/null
+chmod 600 "$PG_DIR/server.key"
+if [ "$(id -u)" -eq 0 ]; then chown postgres "$PG_DIR/server.key" "$PG_DIR/server.crt"; fi
 run_pg "$PG_BIN/pg_ctl" -D "$PG_DIR/data" -l "$PG_DIR/log" -w \
-  -o "-k $PG_DIR -p $PG_PORT -c listen_addresses=127.0.0.1 -c fsync=off" start >/dev/null
+  -o "-k $PG_DIR -p $PG_PORT -c listen_addresses=127.0.0.1 -c fsync=off -c ssl=on -c ssl_cert_file=$PG_DIR/server.crt -c ssl_key_file=$PG_DIR/server.key" start >/dev/null
 export TRUSTLINE_TEST_POSTGRES="host=127.0.0.1 port=$PG_PORT user=postgres dbname=postgres"
+export TRUSTLINE_TEST_POSTGRES_CA="$PG_DIR/ca.crt"
 echo "== PostgreSQL $("$PG_BIN/postgres" --version | awk '{print $3}') on 127.0.0.1:$PG_PORT"
 
 # The Python SPIFFE client (py-spiffe, unmodified) for the Workload API compatibility test, in a virtualenv.

@@ -157,8 +157,21 @@ fn runtime() -> Result<tokio::runtime::Runtime, String> {
         .map_err(|e| format!("cannot start runtime: {e}"))
 }
 
+/// Connects to the central store; over TLS 1.3 verifying the server against `PGSSLROOTCERT` (a PEM file, the
+/// libpq variable) when it is set.
 async fn store_client(conninfo: &str) -> Result<tokio_postgres::Client, String> {
-    crate::store::connect(conninfo)
+    let tls = match std::env::var_os("PGSSLROOTCERT") {
+        Some(p) => {
+            let pem = std::fs::read_to_string(&p)
+                .map_err(|e| format!("PGSSLROOTCERT {}: {e}", p.to_string_lossy()))?;
+            Some(
+                crate::store::PgTls::from_pem(&pem)
+                    .map_err(|e| format!("PGSSLROOTCERT {}: {e}", p.to_string_lossy()))?,
+            )
+        }
+        None => None,
+    };
+    crate::store::connect(conninfo, tls)
         .await
         .map_err(|e| format!("--store: {e}"))
 }

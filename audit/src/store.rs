@@ -7,6 +7,7 @@
 use std::path::Path;
 
 use tokio_postgres::{Client, NoTls};
+pub use trustline_identity::pgtls::PgTls;
 use trustline_identity::tls::TrustBundle;
 
 use crate::format::{
@@ -48,14 +49,31 @@ CREATE INDEX IF NOT EXISTS trustline_log_frames_trace ON trustline_log_frames (t
 CREATE INDEX IF NOT EXISTS trustline_log_frames_time ON trustline_log_frames (time_us);
 ";
 
-/// Connects and creates the table if needed.
-pub async fn connect(conninfo: &str) -> Result<Client, StoreError> {
-    let (client, conn) = tokio_postgres::connect(conninfo, NoTls).await?;
-    tokio::spawn(async move {
-        if let Err(e) = conn.await {
-            tracing::warn!(error = %e, "PostgreSQL connection ended");
+/// Connects (over TLS 1.3 when `tls` is given: the server's CA) and creates the table if needed.
+pub async fn connect(
+    conninfo: &str,
+    tls: Option<trustline_identity::pgtls::PgTls>,
+) -> Result<Client, StoreError> {
+    let client = match tls {
+        Some(tls) => {
+            let (client, conn) = tokio_postgres::connect(conninfo, tls).await?;
+            tokio::spawn(async move {
+                if let Err(e) = conn.await {
+                    tracing::warn!(error = %e, "PostgreSQL connection ended");
+                }
+            });
+            client
         }
-    });
+        None => {
+            let (client, conn) = tokio_postgres::connect(conninfo, NoTls).await?;
+            tokio::spawn(async move {
+                if let Err(e) = conn.await {
+                    tracing::warn!(error = %e, "PostgreSQL connection ended");
+                }
+            });
+            client
+        }
+    };
     client.batch_execute(SCHEMA).await?;
     Ok(client)
 }

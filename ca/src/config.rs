@@ -135,6 +135,10 @@ pub enum StoreSection {
         /// File holding the password (never put it in this file).
         #[serde(default)]
         password_file: Option<PathBuf>,
+        /// CA certificate(s) (PEM) of the server: connect over TLS 1.3 and verify the server and the host name.
+        /// Add `sslmode=require` to the conninfo to refuse a server without TLS.
+        #[serde(default)]
+        tls_ca_file: Option<PathBuf>,
     },
 }
 
@@ -598,8 +602,21 @@ impl Config {
         {
             resolve(p);
         }
-        if let StoreSection::Sqlite { path: Some(p) } = &mut raw.store {
-            resolve(p);
+        match &mut raw.store {
+            StoreSection::Sqlite { path: Some(p) } => resolve(p),
+            StoreSection::Postgres {
+                password_file,
+                tls_ca_file,
+                ..
+            } => {
+                for p in [password_file.as_mut(), tls_ca_file.as_mut()]
+                    .into_iter()
+                    .flatten()
+                {
+                    resolve(p);
+                }
+            }
+            StoreSection::Sqlite { path: None } => {}
         }
         let admin_socket = raw
             .server

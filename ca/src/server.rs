@@ -161,6 +161,7 @@ pub async fn open_store(cfg: &Validated) -> Result<Store, ServerError> {
         StoreSection::Postgres {
             conninfo,
             password_file,
+            tls_ca_file,
         } => {
             let mut conninfo = conninfo.clone();
             if let Some(pf) = password_file {
@@ -169,7 +170,17 @@ pub async fn open_store(cfg: &Validated) -> Result<Store, ServerError> {
                 let pw = pw.replace('\\', "\\\\").replace('\'', "\\'");
                 conninfo.push_str(&format!(" password='{pw}'"));
             }
-            StoreConfig::Postgres { conninfo }
+            let tls =
+                match tls_ca_file {
+                    Some(p) => {
+                        let pem = std::fs::read_to_string(p).map_err(io_err(p))?;
+                        Some(trustline_identity::pgtls::PgTls::from_pem(&pem).map_err(|e| {
+                            ServerError::Keys(format!("store.tls_ca_file {}: {e}", p.display()))
+                        })?)
+                    }
+                    None => None,
+                };
+            StoreConfig::Postgres { conninfo, tls }
         }
     };
     Ok(Store::open(&sc).await?)

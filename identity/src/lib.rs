@@ -20,6 +20,7 @@ pub mod devid;
 pub mod jwt;
 #[doc(hidden)]
 pub mod mutate;
+pub mod pgtls;
 pub mod spiffe_id;
 pub mod tls;
 pub mod uds;

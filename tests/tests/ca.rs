@@ -1054,3 +1054,87 @@ fn config_errors_name_the_key_and_value() {
         );
     }
 }
+
+/// The CA's PostgreSQL store over TLS 1.3 (`store.tls_ca_file`, `sslmode=require`): it starts and issues; a CA file
+/// that does not vouch for the server stops it at startup with an error naming the store.
+#[test]
+fn postgres_over_tls_verifies_the_server() {
+    let (Ok(conninfo), Ok(pg_ca)) = (
+        std::env::var("TRUSTLINE_TEST_POSTGRES"),
+        std::env::var("TRUSTLINE_TEST_POSTGRES_CA"),
+    ) else {
+        println!(
+            "skipped: TRUSTLINE_TEST_POSTGRES(_CA) not set (scripts/test.sh starts PostgreSQL with TLS)"
+        );
+        return;
+    };
+    let db = format!("tl_tls_{}", std::process::id());
+    let psql = |sql: &str| {
+        let ok = std::process::Command::new("psql")
+            .args(["-v", "ON_ERROR_STOP=1", "-q", "-c", sql, &conninfo])
+            .status()
+            .map(|s| s.success())
+            .unwrap_or(false);
+        assert!(ok, "psql {sql}");
+    };
+    psql(&format!("DROP DATABASE IF EXISTS {db}"));
+    psql(&format!("CREATE DATABASE {db}"));
+    let dsn = format!(
+        "{} dbname={db} sslmode=require",
+        conninfo
+            .split_whitespace()
+            .filter(|p| !p.starts_with("dbname="))
+            .collect::<Vec<_>>()
+            .join(" ")
+    );
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = |d: &std::path::Path, ca_file: &str| {
+        format!(
+            "trust_domain = \"example.org\"\ndata_dir = \"{}\"\n[server]\nagent_listen = \"127.0.0.1:0\"\n[store]\nkind = \"postgres\"\nconninfo = \"{dsn}\"\ntls_ca_file = \"{ca_file}\"\n[keys]\nkey_file = \"{}/seal.key\"\n",
+            d.display(),
+            d.display()
+        )
+    };
+    let dir = tmp.path().join("ca");
+    let ca = Ca::start_with(&dir, &cfg(&dir, &pg_ca));
+    let (_, svid, _, _) =
+        trustline_tests::mint_svid(&ca, &tmp.path().join("m"), "spiffe://example.org/tls", "1h");
+    assert!(svid.exists());
+    drop(ca);
+
+    // A CA file that does not vouch for the server: refused at startup, naming the store.
+    let other = tmp.path().join("other-ca.pem");
+    let out = std::process::Command::new("openssl")
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+            "-keyout",
+        ])
+        .arg(tmp.path().join("other.key"))
+        .arg("-out")
+        .arg(&other)
+        .args(["-days", "1", "-subj", "/CN=not the server's CA"])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let bad = tmp.path().join("bad");
+    std::fs::create_dir_all(&bad).unwrap();
+    trustline_hsm::SoftwareKeyStore::create_key_file(&bad.join("seal.key")).unwrap();
+    std::fs::write(bad.join("ca.toml"), cfg(&bad, other.to_str().unwrap())).unwrap();
+    let out = std::process::Command::new(trustline_tests::bin("trustline-ca"))
+        .args(["run", "--config"])
+        .arg(bad.join("ca.toml"))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("store"), "{err}");
+    assert!(
+        err.to_lowercase().contains("certificate") || err.contains("tls"),
+        "{err}"
+    );
+}

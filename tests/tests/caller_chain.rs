@@ -370,12 +370,18 @@ async fn central_store(admin_conninfo: &str, logs: &std::path::Path, trace: &str
         .batch_execute(&format!("CREATE DATABASE {db}"))
         .await
         .unwrap();
-    let conninfo = format!("{admin_conninfo} dbname={db}");
+    // Over TLS 1.3 when scripts/test.sh started PostgreSQL with a certificate (PGSSLROOTCERT names its CA).
+    let pg_ca = std::env::var("TRUSTLINE_TEST_POSTGRES_CA").ok();
+    let conninfo = match &pg_ca {
+        Some(_) => format!("{admin_conninfo} dbname={db} sslmode=require"),
+        None => format!("{admin_conninfo} dbname={db}"),
+    };
     let audit = |args: &[&str]| {
-        std::process::Command::new(bin("trustline-audit"))
-            .args(args)
-            .output()
-            .unwrap()
+        let mut cmd = std::process::Command::new(bin("trustline-audit"));
+        if let Some(ca) = &pg_ca {
+            cmd.env("PGSSLROOTCERT", ca);
+        }
+        cmd.args(args).output().unwrap()
     };
     for n in ["a", "b", "c"] {
         let dir = logs.join(n);
@@ -410,8 +416,8 @@ async fn central_store(admin_conninfo: &str, logs: &std::path::Path, trace: &str
     assert!(out.status.success(), "{report}");
     assert_eq!(report.matches(": OK").count(), 3, "{report}");
 
-    // Tamper in the database: change one record, delete another.
-    let (c, conn) = tokio_postgres::connect(&conninfo, tokio_postgres::NoTls)
+    // Tamper in the database (as its administrator, directly): change one record, delete another.
+    let (c, conn) = tokio_postgres::connect(&format!("{admin_conninfo} dbname={db}"), tokio_postgres::NoTls)
         .await
         .unwrap();
     tokio::spawn(conn);

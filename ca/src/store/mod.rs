@@ -280,7 +280,7 @@ pub enum StoreError {
         source: rusqlite::Error,
     },
     /// PostgreSQL failure.
-    #[error("postgres: {0}")]
+    #[error("postgres: {}", with_cause(.0))]
     Postgres(#[from] tokio_postgres::Error),
     /// A stored row cannot be read back.
     #[error("stored row is corrupt: {0}")]
@@ -299,6 +299,8 @@ pub enum StoreConfig {
     Postgres {
         /// libpq-style conninfo.
         conninfo: String,
+        /// TLS to the server (its CA), if configured.
+        tls: Option<trustline_identity::pgtls::PgTls>,
     },
 }
 
@@ -325,7 +327,9 @@ impl Store {
     pub async fn open(config: &StoreConfig) -> Result<Store, StoreError> {
         match config {
             StoreConfig::Sqlite { path } => Ok(Store::Sqlite(SqliteStore::open(path)?)),
-            StoreConfig::Postgres { conninfo } => Ok(Store::Postgres(PgStore::open(conninfo).await?)),
+            StoreConfig::Postgres { conninfo, tls } => Ok(Store::Postgres(
+                PgStore::open_config(conninfo.parse()?, tls.clone()).await?,
+            )),
         }
     }
 
@@ -494,3 +498,11 @@ fn limit(l: i64) -> i64 {
 
 #[cfg(test)]
 mod tests;
+
+/// A PostgreSQL error with its cause (tokio-postgres says "error performing TLS handshake"; the cause says why).
+fn with_cause(e: &tokio_postgres::Error) -> String {
+    match std::error::Error::source(e) {
+        Some(cause) => format!("{e}: {cause}"),
+        None => e.to_string(),
+    }
+}

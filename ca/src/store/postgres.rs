@@ -101,6 +101,8 @@ const MAX_NOT_AFTER: &str = "SELECT MAX(not_after) FROM issued WHERE signing_key
 pub struct PgStore {
     /// Boxed so the `Store` enum's variants stay of similar size.
     config: Box<Config>,
+    /// TLS to the server, when the operator gave its CA (`store.tls_ca_file`).
+    tls: Option<trustline_identity::pgtls::PgTls>,
     conn: Mutex<Conn>,
 }
 
@@ -121,13 +123,30 @@ struct Conn {
 }
 
 impl Conn {
-    async fn connect(config: &Config) -> Result<Self, StoreError> {
-        let (client, connection) = config.connect(NoTls).await?;
-        tokio::spawn(async move {
-            if let Err(e) = connection.await {
-                tracing::warn!(error = %e, "postgres connection closed");
+    async fn connect(
+        config: &Config,
+        tls: Option<&trustline_identity::pgtls::PgTls>,
+    ) -> Result<Self, StoreError> {
+        let client = match tls {
+            Some(tls) => {
+                let (client, connection) = config.connect(tls.clone()).await?;
+                tokio::spawn(async move {
+                    if let Err(e) = connection.await {
+                        tracing::warn!(error = %e, "postgres connection closed");
+                    }
+                });
+                client
             }
-        });
+            None => {
+                let (client, connection) = config.connect(NoTls).await?;
+                tokio::spawn(async move {
+                    if let Err(e) = connection.await {
+                        tracing::warn!(error = %e, "postgres connection closed");
+                    }
+                });
+                client
+            }
+        };
         Ok(Self {
             client,
             statements: HashMap::new(),
@@ -201,15 +220,19 @@ impl PgStore {
     /// Connects with a libpq-style conninfo (`host=… user=… dbname=…` or a `postgres://` URL) and applies pending
     /// migrations.
     pub async fn open(conninfo: &str) -> Result<Self, StoreError> {
-        Self::open_config(conninfo.parse()?).await
+        Self::open_config(conninfo.parse()?, None).await
     }
 
-    /// Connects with a parsed config and applies pending migrations.
-    pub async fn open_config(config: Config) -> Result<Self, StoreError> {
-        let mut conn = Conn::connect(&config).await?;
+    /// Connects with a parsed config (over TLS when `tls` is given) and applies pending migrations.
+    pub async fn open_config(
+        config: Config,
+        tls: Option<trustline_identity::pgtls::PgTls>,
+    ) -> Result<Self, StoreError> {
+        let mut conn = Conn::connect(&config, tls.as_ref()).await?;
         Self::migrate(&mut conn.client).await?;
         Ok(Self {
             config: Box::new(config),
+            tls,
             conn: Mutex::new(conn),
         })
     }
@@ -250,7 +273,7 @@ impl PgStore {
         let mut guard = self.conn.lock().await;
         if guard.client.is_closed() {
             tracing::info!("reconnecting to postgres");
-            *guard = Conn::connect(&self.config).await?;
+            *guard = Conn::connect(&self.config, self.tls.as_ref()).await?;
         }
         Ok(guard)
     }

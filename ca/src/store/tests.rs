@@ -801,7 +801,7 @@ async fn postgres_store_behaves() {
         return;
     };
     with_pg_schema(&conninfo, |config, admin, schema| async move {
-        let s = Store::Postgres(PgStore::open_config(config.clone()).await.unwrap());
+        let s = Store::Postgres(PgStore::open_config(config.clone(), None).await.unwrap());
         assert!(format!("{s:?}").contains("PgStore"));
         suite(&s).await;
         let entries = s.list_entries(&EntryFilter::default()).await.unwrap();
@@ -809,7 +809,7 @@ async fn postgres_store_behaves() {
         drop(s);
 
         // Reopen: data kept, migration not re-applied.
-        let s = Store::Postgres(PgStore::open_config(config.clone()).await.unwrap());
+        let s = Store::Postgres(PgStore::open_config(config.clone(), None).await.unwrap());
         assert_eq!(s.list_entries(&EntryFilter::default()).await.unwrap(), entries);
         assert_eq!(s.bundle_sequence().await.unwrap(), seq);
         assert_eq!(s.schema_version().await.unwrap(), SCHEMA_VERSION);
@@ -823,7 +823,7 @@ async fn postgres_store_behaves() {
             )
             .await
             .unwrap();
-        match PgStore::open_config(config).await {
+        match PgStore::open_config(config, None).await {
             Err(StoreError::SchemaTooNew { found, supported }) => {
                 assert_eq!((found, supported), (SCHEMA_VERSION + 1, SCHEMA_VERSION));
             }
@@ -841,9 +841,9 @@ async fn postgres_replicas_on_one_database() {
     with_pg_schema(&conninfo, |config, admin, schema| async move {
         // Replicas starting together migrate once.
         let (a, b, c) = tokio::join!(
-            PgStore::open_config(config.clone()),
-            PgStore::open_config(config.clone()),
-            PgStore::open_config(config.clone())
+            PgStore::open_config(config.clone(), None),
+            PgStore::open_config(config.clone(), None),
+            PgStore::open_config(config.clone(), None)
         );
         let (a, b) = (Store::Postgres(a.unwrap()), Store::Postgres(b.unwrap()));
         drop(c.unwrap());
@@ -871,7 +871,9 @@ async fn postgres_store_opens_from_conninfo_string() {
     with_pg_schema(&conninfo, |_, _, schema| {
         let conninfo = format!("{conninfo} options='-c search_path={schema}'");
         async move {
-            let s = Store::open(&StoreConfig::Postgres { conninfo }).await.unwrap();
+            let s = Store::open(&StoreConfig::Postgres { conninfo, tls: None })
+                .await
+                .unwrap();
             assert_eq!(s.schema_version().await.unwrap(), SCHEMA_VERSION);
             assert_eq!(s.entries_revision().await.unwrap(), 0);
         }
@@ -885,7 +887,7 @@ async fn postgres_record_issued_throughput() {
         return;
     };
     with_pg_schema(&conninfo, |config, _, _| async move {
-        let s = Store::Postgres(PgStore::open_config(config).await.unwrap());
+        let s = Store::Postgres(PgStore::open_config(config, None).await.unwrap());
         record_issued_throughput(&s, "postgres").await;
     })
     .await;
