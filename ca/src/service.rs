@@ -429,9 +429,22 @@ impl Ca {
             expires_at: now + ttl.as_secs() as i64,
             created_at: now,
         };
-        self.store.create_join_token(&jt).await?;
+        // The database never holds an unspent token: only its SHA-256, and no agent ID derived from it (that is
+        // derived again from the token the agent presents).
+        let derived = agent_id.is_none_or(str::is_empty);
+        self.store
+            .create_join_token(&JoinToken {
+                token: token_digest(&jt.token),
+                agent_spiffe_id: if derived {
+                    String::new()
+                } else {
+                    jt.agent_spiffe_id.clone()
+                },
+                ..jt.clone()
+            })
+            .await?;
         // An agent ID derived from the token contains it: log it only when the operator chose the ID.
-        let logged_id = if jt.agent_spiffe_id.contains(&jt.token) {
+        let logged_id = if derived {
             join_token_agent_id(&self.td, "<token>")
         } else {
             jt.agent_spiffe_id.clone()
@@ -546,12 +559,19 @@ impl Ca {
             return Err(invalid("join_token", "", "is required"));
         }
         let csr = self.attestation_csr(csr_der)?;
-        let jt = self
-            .store
-            .consume_join_token(token, now_unix())
-            .await
-            .inspect_err(|_| self.metrics.error("token"))?;
-        let agent_id = parse_spiffe_id("agent_spiffe_id", &jt.agent_spiffe_id)?;
+        let now = now_unix();
+        let jt = match self.store.consume_join_token(&token_digest(token), now).await {
+            // Tokens generated before digests were stored are kept in clear: still honoured, once.
+            Err(crate::store::StoreError::TokenNotFound) => self.store.consume_join_token(token, now).await,
+            other => other,
+        }
+        .inspect_err(|_| self.metrics.error("token"))?;
+        let agent_id = if jt.agent_spiffe_id.is_empty() {
+            join_token_agent_id(&self.td, token)
+        } else {
+            jt.agent_spiffe_id.clone()
+        };
+        let agent_id = parse_spiffe_id("agent_spiffe_id", &agent_id)?;
         self.admit_node(&csr, agent_id, "join_token").await
     }
 
@@ -691,4 +711,11 @@ impl Ca {
             self.defaults.jwt_ttl
         }
     }
+}
+
+/// How a join token is stored: `sha256:<hex>` of the token.
+fn token_digest(token: &str) -> String {
+    let d = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, token.as_bytes());
+    let hex: String = d.as_ref().iter().map(|b| format!("{b:02x}")).collect();
+    format!("sha256:{hex}")
 }

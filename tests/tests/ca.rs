@@ -387,6 +387,15 @@ async fn agents_attest_with_one_time_tokens_and_fetch_what_their_node_may_issue(
         logged.contains("join token generated") && !logged.contains(&tok),
         "{logged}"
     );
+    // ... and the database holds only its digest.
+    for f in ["ca.db", "ca.db-wal"] {
+        if let Ok(bytes) = std::fs::read(ca.dir.join(f)) {
+            assert!(
+                !bytes.windows(tok.len()).any(|w| w == tok.as_bytes()),
+                "{f} holds the token in clear"
+            );
+        }
+    }
     let (agent_key, resp) = attest(&ca, &tok).await.unwrap();
     let svid = resp.svid.unwrap();
     assert_eq!(svid.spiffe_id, agent_id);
