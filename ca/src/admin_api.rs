@@ -304,6 +304,37 @@ impl Admin for AdminApi {
         }))
     }
 
+    async fn list_agents(
+        &self,
+        _req: Request<pb::ListAgentsRequest>,
+    ) -> Result<Response<pb::ListAgentsResponse>, Status> {
+        let agents = self.ca.list_agents().await.map_err(|e| self.fail(e))?;
+        Ok(Response::new(pb::ListAgentsResponse {
+            agents: agents
+                .into_iter()
+                .map(|n| pb::AttestedAgent {
+                    spiffe_id: n.spiffe_id,
+                    attestation_type: n.attestation_type,
+                    serial: n.serial,
+                    expires_at: n.expires_at,
+                    created_at: n.created_at,
+                    updated_at: n.updated_at,
+                })
+                .collect(),
+        }))
+    }
+
+    async fn evict_agent(
+        &self,
+        req: Request<pb::EvictAgentRequest>,
+    ) -> Result<Response<pb::EvictAgentResponse>, Status> {
+        self.ca
+            .evict_agent(&req.into_inner().spiffe_id)
+            .await
+            .map_err(|e| self.fail(e))?;
+        Ok(Response::new(pb::EvictAgentResponse {}))
+    }
+
     async fn list_issued(
         &self,
         req: Request<pb::ListIssuedRequest>,

@@ -308,8 +308,16 @@ impl Agent for AgentApi {
             // What this agent holds: entry id -> revision. None until the first (full) message is sent.
             let mut sent: Option<HashMap<String, i64>> = None;
             let mut sent_bundle = -1;
+            // Evictions wake the stream; replicas sharing a database are checked on this period too.
+            let mut recheck = tokio::time::interval(std::time::Duration::from_secs(30));
+            recheck.tick().await;
             loop {
                 entries_rx.borrow_and_update();
+                if let Err(e) = ca.require_node(&id).await {
+                    // Evicted (or gone): the agent learns it and gets nothing more.
+                    let _ = tx.send(Err(tonic::Status::from(e))).await;
+                    return;
+                }
                 let bundle = bundle_rx.borrow_and_update().clone();
                 let revision = *entries_rx.borrow();
                 match ca.authorized_entries(&id).await {
@@ -360,6 +368,7 @@ impl Agent for AgentApi {
                 tokio::select! {
                     r = entries_rx.changed() => if r.is_err() { return },
                     r = bundle_rx.changed() => if r.is_err() { return },
+                    _ = recheck.tick() => {},
                     _ = tx.closed() => return,
                 }
             }

@@ -61,6 +61,9 @@ enum Command {
     /// Join tokens for node attestation.
     #[command(subcommand)]
     Token(TokenCmd),
+    /// Attested agents: list them, evict one.
+    #[command(subcommand)]
+    Agent(AgentCmd),
     /// The trust bundle.
     #[command(subcommand)]
     Bundle(BundleCmd),
@@ -187,6 +190,26 @@ enum TokenCmd {
         spiffe_id: Option<String>,
         #[arg(long, value_enum, default_value = "pretty")]
         output: Output,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum AgentCmd {
+    /// Every attested agent: ID, how it attested, its current SVID.
+    ///
+    /// Example: trustline-ca agent list --output json
+    List {
+        #[arg(long, value_enum, default_value = "pretty")]
+        output: Output,
+    },
+    /// Evict an agent: its renewals, entry fetches and SVID requests are refused from now on, and its update stream
+    /// ends; SVIDs it already holds stay valid until they expire. It can come back only by attesting again.
+    ///
+    /// Example: trustline-ca agent evict --spiffe-id spiffe://example.org/node/web-1
+    Evict {
+        /// The agent's SPIFFE ID.
+        #[arg(long = "spiffe-id", visible_alias = "spiffeID")]
+        spiffe_id: String,
     },
 }
 
@@ -454,6 +477,40 @@ async fn run(cli: Cli) -> Result<ExitCode, CliError> {
             }
         }
         Command::Entry(cmd) => entry(&cli, cmd).await,
+        Command::Agent(AgentCmd::List { output }) => {
+            let mut c = client(&cli).await?;
+            let agents = c.list_agents(pb::ListAgentsRequest {}).await?.into_inner().agents;
+            for a in &agents {
+                if *output == Output::Json {
+                    println!(
+                        "{}",
+                        json!({"spiffe_id": a.spiffe_id, "attestation_type": a.attestation_type, "serial": a.serial,
+                               "expires_at": a.expires_at, "created_at": a.created_at, "updated_at": a.updated_at})
+                    );
+                } else {
+                    println!(
+                        "{}  {}  SVID {} expires {}",
+                        a.spiffe_id,
+                        a.attestation_type,
+                        a.serial,
+                        fmt_time(a.expires_at)
+                    );
+                }
+            }
+            if agents.is_empty() && *output != Output::Json {
+                println!("no attested agents");
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Agent(AgentCmd::Evict { spiffe_id }) => {
+            let mut c = client(&cli).await?;
+            c.evict_agent(pb::EvictAgentRequest {
+                spiffe_id: spiffe_id.clone(),
+            })
+            .await?;
+            println!("evicted {spiffe_id}");
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Token(TokenCmd::Generate {
             ttl,
             spiffe_id,

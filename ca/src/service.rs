@@ -63,6 +63,9 @@ pub enum CaError {
     /// A TPM DevID proof was refused.
     #[error("tpm_devid attestation refused: {0}")]
     DevId(#[from] crate::devid::DevIdError),
+    /// No such agent.
+    #[error("spiffe_id {0:?}: no attested agent has this ID")]
+    AgentNotFound(String),
 }
 
 impl CaError {
@@ -80,6 +83,7 @@ impl CaError {
             Self::PermissionDenied(_) => "permission_denied",
             Self::Unauthenticated(_) => "unauthenticated",
             Self::DevId(_) => "devid",
+            Self::AgentNotFound(_) => "not_found",
             Self::Authority(_) | Self::Record(_) => "internal",
         }
     }
@@ -105,6 +109,7 @@ impl From<CaError> for tonic::Status {
             CaError::Unauthenticated(_) => tonic::Status::unauthenticated(msg),
             CaError::DevId(crate::devid::DevIdError::NotEnabled) => tonic::Status::failed_precondition(msg),
             CaError::DevId(_) => tonic::Status::permission_denied(msg),
+            CaError::AgentNotFound(_) => tonic::Status::not_found(msg),
             CaError::Store(_) | CaError::Authority(_) | CaError::Record(_) => {
                 tracing::error!(error = %msg, "internal error");
                 tonic::Status::internal(msg)
@@ -687,6 +692,24 @@ impl Ca {
             .get_node(&agent_id.to_string())
             .await?
             .ok_or_else(|| CaError::PermissionDenied(format!("{agent_id} is not an attested agent")))
+    }
+
+    /// Every attested agent.
+    pub async fn list_agents(&self) -> Result<Vec<NodeRecord>, CaError> {
+        Ok(self.store.list_nodes().await?)
+    }
+
+    /// Evicts an agent: its node record goes, so every later call it makes (renewal, entries, SVIDs) is refused and
+    /// its open update stream ends. It can come back only by attesting again (a new join token, or its DevID).
+    pub async fn evict_agent(&self, agent_id: &str) -> Result<(), CaError> {
+        let id = parse_spiffe_id("spiffe_id", agent_id)?;
+        if !self.store.delete_node(&id.to_string()).await? {
+            return Err(CaError::AgentNotFound(id.to_string()));
+        }
+        // Wake every update stream: each checks that its agent is still attested.
+        self.entries_tx.send_modify(|_| {});
+        tracing::info!(agent_id = %id, "agent evicted");
+        Ok(())
     }
 
     /// The entries an agent may issue (those whose parent is the agent).

@@ -1147,3 +1147,60 @@ fn postgres_over_tls_verifies_the_server() {
         "{err}"
     );
 }
+
+/// `agent list` / `agent evict`: an evicted agent's calls are refused at once, its open update stream ends with
+/// the refusal, and it is gone from the list until it attests again.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_evicted_agent_is_refused_until_it_attests_again() {
+    let tmp = tempfile::tempdir().unwrap();
+    let ca = Ca::start(tmp.path());
+    let roots = ca.bundle_roots();
+    let (tok, agent_id) = token(&ca, &["--spiffe-id", "spiffe://example.org/node/evictee"]);
+    let (key, resp) = attest(&ca, &tok).await.unwrap();
+    let svid = resp.svid.unwrap();
+    let listed = ca.cli_ok(&["agent", "list", "--output", "json"]);
+    let row: serde_json::Value = serde_json::from_str(listed.lines().next().unwrap()).unwrap();
+    assert_eq!(row["spiffe_id"], agent_id);
+    assert_eq!(row["attestation_type"], "join_token");
+    assert_eq!(row["serial"], svid.serial);
+
+    let mut agent = agent_client(
+        ca.agent_addr,
+        &roots,
+        Some((svid.cert_chain.clone(), key.serialize_der())),
+    )
+    .await
+    .unwrap();
+    agent
+        .fetch_authorized_entries(pb::FetchAuthorizedEntriesRequest {})
+        .await
+        .unwrap();
+    let mut stream = agent
+        .watch_updates(pb::WatchUpdatesRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(stream.message().await.unwrap().unwrap().full);
+
+    assert!(ca
+        .cli_ok(&["agent", "evict", "--spiffe-id", &agent_id])
+        .contains("evicted"));
+    let end = tokio::time::timeout(Duration::from_secs(10), stream.message())
+        .await
+        .expect("the stream ends promptly");
+    assert_eq!(end.unwrap_err().code(), tonic::Code::PermissionDenied);
+    let err = agent
+        .fetch_authorized_entries(pb::FetchAuthorizedEntriesRequest {})
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::PermissionDenied, "{err:?}");
+    assert!(err.message().contains("not an attested agent"), "{err:?}");
+    assert!(ca.cli_ok(&["agent", "list"]).contains("no attested agents"));
+    let e = ca.cli_err(&["agent", "evict", "--spiffe-id", &agent_id]);
+    assert!(e.contains("no attested agent has this ID"), "{e}");
+
+    // Attesting again (a new token) brings it back.
+    let (tok2, _) = token(&ca, &["--spiffe-id", "spiffe://example.org/node/evictee"]);
+    attest(&ca, &tok2).await.unwrap();
+    assert!(ca.cli_ok(&["agent", "list"]).contains(&agent_id));
+}

@@ -408,6 +408,16 @@ impl Store {
         dispatch!(self, s => s.get_node(spiffe_id))
     }
 
+    /// Every attested node, by SPIFFE ID.
+    pub async fn list_nodes(&self) -> Result<Vec<NodeRecord>, StoreError> {
+        dispatch!(self, s => s.list_nodes())
+    }
+
+    /// Removes a node record (eviction); whether there was one.
+    pub async fn delete_node(&self, spiffe_id: &str) -> Result<bool, StoreError> {
+        dispatch!(self, s => s.delete_node(spiffe_id))
+    }
+
     /// Inserts a CA key (at most one prepared and one active per kind).
     pub async fn insert_ca_key(&self, key: &CaKeyRecord) -> Result<(), StoreError> {
         dispatch!(self, s => s.insert_ca_key(key))

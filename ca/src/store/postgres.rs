@@ -70,6 +70,9 @@ const UPSERT_NODE: &str =
        serial = EXCLUDED.serial, expires_at = EXCLUDED.expires_at, updated_at = EXCLUDED.updated_at";
 const GET_NODE: &str =
     "SELECT spiffe_id, attestation_type, serial, expires_at, created_at, updated_at FROM nodes WHERE spiffe_id = $1";
+const LIST_NODES: &str =
+    "SELECT spiffe_id, attestation_type, serial, expires_at, created_at, updated_at FROM nodes ORDER BY spiffe_id";
+const DELETE_NODE: &str = "DELETE FROM nodes WHERE spiffe_id = $1";
 const INSERT_KEY: &str = concat!(
     "INSERT INTO ca_keys (",
     key_cols!(),
@@ -488,6 +491,32 @@ impl PgStore {
             )
             .await?;
         Ok(())
+    }
+
+    pub(super) async fn list_nodes(&self) -> Result<Vec<NodeRecord>, StoreError> {
+        let mut c = self.conn().await?;
+        let st = c.stmt(LIST_NODES).await?;
+        c.client
+            .query(&st, &[])
+            .await?
+            .into_iter()
+            .map(|r| {
+                Ok(NodeRecord {
+                    spiffe_id: r.try_get(0)?,
+                    attestation_type: r.try_get(1)?,
+                    serial: r.try_get(2)?,
+                    expires_at: r.try_get(3)?,
+                    created_at: r.try_get(4)?,
+                    updated_at: r.try_get(5)?,
+                })
+            })
+            .collect()
+    }
+
+    pub(super) async fn delete_node(&self, id: &str) -> Result<bool, StoreError> {
+        let mut c = self.conn().await?;
+        let st = c.stmt(DELETE_NODE).await?;
+        Ok(c.client.execute(&st, &[&id]).await? > 0)
     }
 
     pub(super) async fn get_node(&self, id: &str) -> Result<Option<NodeRecord>, StoreError> {

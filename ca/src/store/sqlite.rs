@@ -428,6 +428,37 @@ impl SqliteStore {
         Ok(())
     }
 
+    pub(super) fn list_nodes(&self) -> Result<Vec<NodeRecord>, StoreError> {
+        let conn = self.conn();
+        let mut st = conn
+            .prepare_cached(
+                "SELECT spiffe_id, attestation_type, serial, expires_at, created_at, updated_at
+                 FROM nodes ORDER BY spiffe_id",
+            )
+            .map_err(|e| self.err(e))?;
+        let rows = st
+            .query_map([], |r| {
+                Ok(NodeRecord {
+                    spiffe_id: r.get(0)?,
+                    attestation_type: r.get(1)?,
+                    serial: r.get(2)?,
+                    expires_at: r.get(3)?,
+                    created_at: r.get(4)?,
+                    updated_at: r.get(5)?,
+                })
+            })
+            .map_err(|e| self.err(e))?;
+        rows.collect::<Result<Vec<_>, _>>().map_err(|e| self.err(e))
+    }
+
+    pub(super) fn delete_node(&self, id: &str) -> Result<bool, StoreError> {
+        self.conn()
+            .prepare_cached("DELETE FROM nodes WHERE spiffe_id = ?1")
+            .and_then(|mut s| s.execute([id]))
+            .map(|n| n > 0)
+            .map_err(|e| self.err(e))
+    }
+
     pub(super) fn get_node(&self, id: &str) -> Result<Option<NodeRecord>, StoreError> {
         self.conn()
             .prepare_cached(
