@@ -111,7 +111,45 @@ fn up_brings_up_a_local_mesh_and_shows_policy_chain_and_log() {
     let trace_cmd = check_tour(&out, &stdout);
     assert!(trace_cmd.contains("trustline-audit trace "), "{trace_cmd}");
 
-    // 4. A component that cannot start is named, with its reason: the tour's port is taken.
+    // 4. Serving until Ctrl-C: SIGINT stops every process it started, and it says so.
+    let serve_dir = tmp.path().join("serve");
+    let mut child = Command::new(bin("trustline"))
+        .args(["up", "--dir"])
+        .arg(&serve_dir)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut out = std::io::BufReader::new(child.stdout.take().unwrap());
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    let mut line = String::new();
+    loop {
+        line.clear();
+        assert!(std::time::Instant::now() < deadline, "no 'Serving until Ctrl-C'");
+        if std::io::BufRead::read_line(&mut out, &mut line).unwrap() == 0 {
+            panic!("up exited before serving");
+        }
+        if line.contains("Serving until Ctrl-C") {
+            break;
+        }
+    }
+    let started = processes_under(&serve_dir);
+    assert!(started >= 4, "agent and three sidecars running: {started}");
+    let pid = child.id().to_string();
+    assert!(Command::new("kill")
+        .args(["-INT", &pid])
+        .status()
+        .unwrap()
+        .success());
+    let mut rest = String::new();
+    std::io::Read::read_to_string(&mut out, &mut rest).unwrap();
+    let status = child.wait().unwrap();
+    assert!(status.success(), "{status:?}: {rest}");
+    assert!(rest.contains("stopped"), "{rest}");
+    assert_eq!(processes_under(&serve_dir), 0, "every process it started is gone");
+
+    // 5. A component that cannot start is named, with its reason: the tour's port is taken.
     let _busy = std::net::TcpListener::bind("127.0.0.1:15001").unwrap();
     let (out, stdout) = run(Command::new(bin("trustline"))
         .args(["up", "--exit", "--dir"])
@@ -122,4 +160,21 @@ fn up_brings_up_a_local_mesh_and_shows_policy_chain_and_log() {
         err.contains("web sidecar: did not start") && err.contains("outbound[0].listen"),
         "{err}"
     );
+}
+
+/// How many processes have `dir` in their command line (the agent and sidecars of one `up`).
+fn processes_under(dir: &std::path::Path) -> usize {
+    let needle = dir.display().to_string();
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| {
+            e.file_name()
+                .to_string_lossy()
+                .chars()
+                .all(|c| c.is_ascii_digit())
+        })
+        .filter_map(|e| std::fs::read(e.path().join("cmdline")).ok())
+        .filter(|c| String::from_utf8_lossy(c).contains(&needle))
+        .count()
 }
