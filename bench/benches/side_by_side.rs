@@ -18,7 +18,7 @@
 //! Run everything with `bench/run.sh` (installs nginx and haproxy, builds the release binaries, runs this).
 //! Knobs: `TRUSTLINE_BENCH_RATES=1000,2000,4000`, `TRUSTLINE_BENCH_SECS=5`, `TRUSTLINE_BENCH_CONNS=16`,
 //! `TRUSTLINE_BENCH_MAX_CONNS=32`, `TRUSTLINE_BENCH_HS_THREADS=4`, `TRUSTLINE_BENCH_IDLE=10000`,
-//! `TRUSTLINE_BENCH_ONLY=trustline,nginx,haproxy`.
+//! `TRUSTLINE_BENCH_ONLY=trustline,nginx,haproxy`, `TRUSTLINE_BENCH_TL_LOG=0` (log off, for comparison).
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -525,11 +525,17 @@ fn idle_memory(mesh: &Mesh, backend: SocketAddr, client: &Arc<rustls::ClientConf
 }
 
 fn trustline_pair(mesh: &Mesh, backend: SocketAddr, cpu: usize) -> (Sidecar, Sidecar) {
+    // `TRUSTLINE_BENCH_TL_LOG=0` turns the accountability log off (for comparison only: the targets need it on).
+    let on = env_or("TRUSTLINE_BENCH_TL_LOG", 1u8) != 0;
     let log = |n: &str| {
-        format!(
-            "[log]\ndir = \"{}\"\n",
-            mesh.tmp.path().join(format!("log-{n}")).display()
-        )
+        if on {
+            format!(
+                "[log]\ndir = \"{}\"\n",
+                mesh.tmp.path().join(format!("log-{n}")).display()
+            )
+        } else {
+            String::new()
+        }
     };
     let allow = allow(&[format!("{TD}/web"), format!("{TD}/loadgen")]);
     let api = mesh.sidecar(
