@@ -18,7 +18,8 @@
 //! Run everything with `bench/run.sh` (installs nginx and haproxy, builds the release binaries, runs this).
 //! Knobs: `TRUSTLINE_BENCH_RATES=1000,2000,4000`, `TRUSTLINE_BENCH_SECS=5`, `TRUSTLINE_BENCH_CONNS=16`,
 //! `TRUSTLINE_BENCH_MAX_CONNS=32`, `TRUSTLINE_BENCH_HS_THREADS=4`, `TRUSTLINE_BENCH_IDLE=10000`,
-//! `TRUSTLINE_BENCH_ONLY=trustline,nginx,haproxy`, `TRUSTLINE_BENCH_TL_LOG=0` (log off, for comparison).
+//! `TRUSTLINE_BENCH_ONLY=trustline,nginx,haproxy`, `TRUSTLINE_BENCH_TL_LOG=0` (log off, for comparison),
+//! `TRUSTLINE_BENCH_IDLE_REQUEST=0` (idle connections without their one request).
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -494,12 +495,14 @@ fn idle_memory(mesh: &Mesh, backend: SocketAddr, client: &Arc<rustls::ClientConf
             ("20-deny.yaml", DENY),
         ],
     );
+    // `TRUSTLINE_BENCH_IDLE_REQUEST=0`: handshake only, no request (to see what the HTTP layer holds).
+    let one_request = env_or("TRUSTLINE_BENCH_IDLE_REQUEST", 1u8) != 0;
     let pid = sidecar_pid(&hold);
     procstat::pin(pid, cpu);
     std::thread::sleep(Duration::from_secs(2));
     let (idle, idle_fds) = (procstat::rss_kib(pid), procstat::fds(pid));
     let t = std::time::Instant::now();
-    let (held, failed) = load::idle_connections(client.clone(), "server", hold.inbound[0], n, 8);
+    let (held, failed) = load::idle_connections(client.clone(), "server", hold.inbound[0], n, 8, one_request);
     let open_s = t.elapsed().as_secs_f64();
     std::thread::sleep(Duration::from_secs(2));
     let (rss, fds) = (procstat::rss_kib(pid), procstat::fds(pid));
@@ -515,8 +518,9 @@ fn idle_memory(mesh: &Mesh, backend: SocketAddr, client: &Arc<rustls::ClientConf
         if mib(idle) <= 15.0 { "met" } else { "MISSED" }
     );
     println!(
-        "| holding {} connections ({failed} failed; opened in {open_s:.1} s, one request each) | {:.1} | {:.1} | {fds} | ≤ 64 MiB: {} |",
+        "| holding {} connections ({failed} failed; opened in {open_s:.1} s, {} each) | {:.1} | {:.1} | {fds} | ≤ 64 MiB: {} |",
         held.len(),
+        if one_request { "one request" } else { "handshake only" },
         mib(rss),
         mib(procstat::hwm_kib(pid)),
         if mib(rss) <= 64.0 { "met" } else { "MISSED" }

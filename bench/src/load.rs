@@ -242,14 +242,15 @@ pub fn handshakes(
     )
 }
 
-/// Opens `n` mutual-TLS connections (each completes its handshake and one request) from `threads` threads and
-/// returns them, to be held idle. Connections that fail are counted, not retried.
+/// Opens `n` mutual-TLS connections (each completes its handshake and, with `one_request`, one request) from
+/// `threads` threads and returns them, to be held idle. Connections that fail are counted, not retried.
 pub fn idle_connections(
     cfg: Arc<rustls::ClientConfig>,
     name: &str,
     addr: SocketAddr,
     n: usize,
     threads: usize,
+    one_request: bool,
 ) -> (Vec<BufReader<TlsStream>>, usize) {
     let handles: Vec<_> = (0..threads)
         .map(|t| {
@@ -261,7 +262,7 @@ pub fn idle_connections(
                 for _ in 0..mine {
                     match tls_connect(&cfg, &name, addr) {
                         Ok(mut r) => {
-                            if request(&mut r, REQ) == 200 {
+                            if !one_request || request(&mut r, REQ) == 200 {
                                 held.push(r);
                             } else {
                                 failed += 1;
