@@ -20,6 +20,12 @@ use crate::format::{
     Hash, Record, HEADER_LEN, KIND_CHECKPOINT, KIND_RECORD, KIND_SEALED_RECORD,
 };
 
+/// With fsync per batch, how long the writer waits for more records after the first of a batch nobody waits
+/// on. It bounds how much later a queued record reaches the disk; requests that do not ask to wait never wait
+/// on it. A batch that starts with a record appended by [`Log::append_durable`] is committed at once (one that
+/// arrives during a linger waits for its end).
+pub const GROUP_LINGER: Duration = Duration::from_millis(1);
+
 /// When the writer calls fsync.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Fsync {
@@ -385,14 +391,16 @@ impl Writer {
         loop {
             match rx.recv_timeout(tick) {
                 Ok(m) => {
+                    let lingers = self.cfg.fsync == Fsync::Batch && matches!(m, Msg::Record(_, None));
                     self.take(m);
-                    // Group commit: everything queued meanwhile goes into the same write and fsync.
-                    while self.waiters.len() < 65_536 && self.buf.len() < (8 << 20) {
-                        match rx.try_recv() {
-                            Ok(m) => self.take(m),
-                            Err(_) => break,
-                        }
+                    // Group commit: everything queued meanwhile goes into the same write and fsync. When nobody
+                    // waits on this batch, first give the request threads GROUP_LINGER to queue more: a busy
+                    // sidecar then pays one write, one fsync and one wake-up of this thread per linger instead
+                    // of per record (records sent while this thread sleeps do not wake it).
+                    if lingers {
+                        std::thread::sleep(GROUP_LINGER);
                     }
+                    self.drain(&rx);
                     self.commit(false);
                 }
                 Err(RecvTimeoutError::Timeout) => {
@@ -409,6 +417,16 @@ impl Writer {
                 }
             }
             self.checkpoint(false);
+        }
+    }
+
+    /// Takes what is queued, up to a batch's bounds.
+    fn drain(&mut self, rx: &Receiver<Msg>) {
+        while self.waiters.len() < 65_536 && self.buf.len() < (8 << 20) {
+            match rx.try_recv() {
+                Ok(m) => self.take(m),
+                Err(_) => break,
+            }
         }
     }
 

@@ -127,7 +127,11 @@ fn run(cli: Cli) -> Result<ExitCode, String> {
                 .with_writer(std::io::stderr)
                 .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
                 .try_init();
-            let rt = tokio::runtime::Builder::new_multi_thread()
+            let mut rt = tokio::runtime::Builder::new_multi_thread();
+            if let Some(n) = cfg.worker_threads {
+                rt.worker_threads(n);
+            }
+            let rt = rt
                 .enable_all()
                 .build()
                 .map_err(|e| format!("cannot start runtime: {e}"))?;

@@ -99,6 +99,9 @@ pub struct Config {
     /// The accountability log; off when absent.
     #[serde(default)]
     pub log: Option<LogConfig>,
+    /// Runtime worker threads that serve connections; absent: one per CPU core (the default).
+    #[serde(default)]
+    pub worker_threads: Option<usize>,
 }
 
 /// `[chain]`
@@ -415,6 +418,9 @@ impl Config {
                 ));
             }
         }
+        if raw.worker_threads == Some(0) {
+            return Err(invalid("worker_threads".into(), "0".into(), "must be at least 1"));
+        }
         if raw.limits.max_connections == 0 {
             return Err(invalid(
                 "limits.max_connections".into(),
@@ -618,6 +624,7 @@ mod tests {
         .unwrap();
         assert_eq!(c.workload_api_socket, PathBuf::from("/etc/trustline/agent.sock"));
         assert_eq!(c.limits.max_connections, 10_000);
+        assert_eq!(c.worker_threads, None);
         assert_eq!(r[0][0].upstream, "db:5432");
     }
 
@@ -633,6 +640,7 @@ mod tests {
             ("[[inbound]]\nlisten = \"0.0.0.0:1\"\napp = \"127.0.0.1:80\"\n[inbound.jwt]\naudience=\"x\"\nalgorithms=[\"HS256\"]\n", "inbound[0].jwt.algorithms"),
             ("metrics_listen = \"0.0.0.0:9\"\n[[inbound]]\nlisten = \"0.0.0.0:1\"\napp = \"127.0.0.1:80\"\n", "metrics_listen"),
             ("", "inbound, outbound"),
+            ("worker_threads = 0\n[[inbound]]\nlisten = \"0.0.0.0:1\"\napp = \"127.0.0.1:80\"\n", "worker_threads"),
         ];
         for (t, field) in cases {
             let e = parse(&format!("{base}{t}")).unwrap_err().to_string();
