@@ -868,26 +868,8 @@ async fn postgres_replicas_share_entries_keys_and_rotation() {
         println!("skipped: TRUSTLINE_TEST_POSTGRES is not set (scripts/test.sh sets it)");
         return;
     };
-    // A fresh database for this test.
-    let db = format!("tl_e2e_{}", std::process::id());
-    let admin = |sql: &str| {
-        let ok = std::process::Command::new("psql")
-            .args(["-v", "ON_ERROR_STOP=1", "-q", "-c", sql, &conninfo])
-            .status()
-            .map(|s| s.success())
-            .unwrap_or(false);
-        assert!(ok, "psql {sql}");
-    };
-    admin(&format!("DROP DATABASE IF EXISTS {db}"));
-    admin(&format!("CREATE DATABASE {db}"));
-    let dsn = format!(
-        "{} dbname={db}",
-        conninfo
-            .split_whitespace()
-            .filter(|p| !p.starts_with("dbname="))
-            .collect::<Vec<_>>()
-            .join(" ")
-    );
+    let test_db = TestDb::new(&conninfo, "tl_e2e");
+    let dsn = test_db.dsn.clone();
     let tmp = tempfile::tempdir().unwrap();
     let key = tmp.path().join("seal.key");
     trustline_hsm::SoftwareKeyStore::create_key_file(&key).unwrap();
@@ -967,7 +949,6 @@ async fn postgres_replicas_share_entries_keys_and_rotation() {
     drop(agent);
     drop(a);
     drop(b);
-    admin(&format!("DROP DATABASE IF EXISTS {db} WITH (FORCE)"));
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -1077,25 +1058,8 @@ fn postgres_over_tls_verifies_the_server() {
         );
         return;
     };
-    let db = format!("tl_tls_{}", std::process::id());
-    let psql = |sql: &str| {
-        let ok = std::process::Command::new("psql")
-            .args(["-v", "ON_ERROR_STOP=1", "-q", "-c", sql, &conninfo])
-            .status()
-            .map(|s| s.success())
-            .unwrap_or(false);
-        assert!(ok, "psql {sql}");
-    };
-    psql(&format!("DROP DATABASE IF EXISTS {db}"));
-    psql(&format!("CREATE DATABASE {db}"));
-    let dsn = format!(
-        "{} dbname={db} sslmode=require",
-        conninfo
-            .split_whitespace()
-            .filter(|p| !p.starts_with("dbname="))
-            .collect::<Vec<_>>()
-            .join(" ")
-    );
+    let test_db = TestDb::new(&conninfo, "tl_tls");
+    let dsn = format!("{} sslmode=require", test_db.dsn);
     let tmp = tempfile::tempdir().unwrap();
     let cfg = |d: &std::path::Path, ca_file: &str| {
         format!(
@@ -1203,4 +1167,50 @@ async fn an_evicted_agent_is_refused_until_it_attests_again() {
     let (tok2, _) = token(&ca, &["--spiffe-id", "spiffe://example.org/node/evictee"]);
     attest(&ca, &tok2).await.unwrap();
     assert!(ca.cli_ok(&["agent", "list"]).contains(&agent_id));
+}
+
+/// A fresh, empty database `<prefix>_<pid>` on the server of `conninfo`, dropped with the value.
+struct TestDb {
+    admin: String,
+    name: String,
+    /// The conninfo naming it.
+    dsn: String,
+}
+
+impl TestDb {
+    fn new(conninfo: &str, prefix: &str) -> Self {
+        let name = format!("{prefix}_{}", std::process::id());
+        let db = Self {
+            admin: conninfo.to_owned(),
+            dsn: format!(
+                "{} dbname={name}",
+                conninfo
+                    .split_whitespace()
+                    .filter(|p| !p.starts_with("dbname="))
+                    .collect::<Vec<_>>()
+                    .join(" ")
+            ),
+            name,
+        };
+        assert!(db.psql(&format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", db.name)));
+        assert!(
+            db.psql(&format!("CREATE DATABASE {}", db.name)),
+            "CREATE DATABASE"
+        );
+        db
+    }
+
+    fn psql(&self, sql: &str) -> bool {
+        std::process::Command::new("psql")
+            .args(["-v", "ON_ERROR_STOP=1", "-q", "-c", sql, &self.admin])
+            .status()
+            .map(|s| s.success())
+            .unwrap_or(false)
+    }
+}
+
+impl Drop for TestDb {
+    fn drop(&mut self) {
+        self.psql(&format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.name));
+    }
 }
