@@ -14,8 +14,13 @@
 //!
 //! The inbound sidecar verifies every hop against the trust bundle, that indexes run 0.., that each hop's `prev`
 //! is the digest of the hops before it and its caller was the previous hop's callee, that no hop is older than
-//! the allowed age, and that the last hop was signed by the very peer of the mTLS connection and names this
+//! the allowed age, and that the last hop comes from the very peer of the mTLS connection and names this
 //! service as callee. The header size and the number of hops are bounded.
+//!
+//! The last hop is the peer's own statement, received over the mutual-TLS connection that authenticated that
+//! peer: by default its signature is not checked here (the channel already proves who sent it; the signature is
+//! for the services further down the chain, which check it as one of their earlier hops). With
+//! [`Limits::peer_signature`] it is checked too.
 
 use std::sync::Mutex;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -40,6 +45,8 @@ pub struct Limits {
     pub max_age: Duration,
     /// Clock skew tolerated for hops from the future.
     pub skew: Duration,
+    /// Also verify the signature of the last hop, the one the mTLS peer itself added (`chain.verify_peer_signature`).
+    pub peer_signature: bool,
 }
 
 impl Default for Limits {
@@ -49,6 +56,7 @@ impl Default for Limits {
             max_bytes: 32 * 1024,
             max_age: Duration::from_secs(60),
             skew: Duration::from_secs(5),
+            peer_signature: false,
         }
     }
 }
@@ -178,7 +186,15 @@ fn now_ms() -> i64 {
         .unwrap_or_default()
 }
 
-fn parse_hop(i: usize, text: &str) -> Result<(Hop, SvidSignature, &str), ChainError> {
+/// A hop's three parts, its payload decoded.
+struct Parts<'a> {
+    hop: Hop,
+    payload_b64: &'a str,
+    chain_b64: &'a str,
+    signature_b64: &'a str,
+}
+
+fn parse_hop(i: usize, text: &str) -> Result<Parts<'_>, ChainError> {
     let bad = |reason: String| ChainError::Malformed { hop: i, reason };
     let mut parts = text.split('.');
     let (Some(p), Some(c), Some(s), None) = (parts.next(), parts.next(), parts.next(), parts.next()) else {
@@ -186,7 +202,20 @@ fn parse_hop(i: usize, text: &str) -> Result<(Hop, SvidSignature, &str), ChainEr
     };
     let payload = B64.decode(p).map_err(|e| bad(format!("payload: {e}")))?;
     let hop: Hop = serde_json::from_slice(&payload).map_err(|e| bad(format!("payload: {e}")))?;
-    let der = B64.decode(c).map_err(|e| bad(format!("chain: {e}")))?;
+    Ok(Parts {
+        hop,
+        payload_b64: p,
+        chain_b64: c,
+        signature_b64: s,
+    })
+}
+
+/// The signer's certificate chain and signature of a hop.
+fn parse_signature(i: usize, parts: &Parts<'_>) -> Result<SvidSignature, ChainError> {
+    let bad = |reason: String| ChainError::Malformed { hop: i, reason };
+    let der = B64
+        .decode(parts.chain_b64)
+        .map_err(|e| bad(format!("chain: {e}")))?;
     let mut chain = Vec::new();
     let mut rest = der.as_slice();
     while !rest.is_empty() {
@@ -195,19 +224,17 @@ fn parse_hop(i: usize, text: &str) -> Result<(Hop, SvidSignature, &str), ChainEr
         chain.push(rest[..rest.len() - r.len()].to_vec());
         rest = r;
     }
-    let sig = B64.decode(s).map_err(|e| bad(format!("signature: {e}")))?;
+    let sig = B64
+        .decode(parts.signature_b64)
+        .map_err(|e| bad(format!("signature: {e}")))?;
     if sig.len() < 3 {
         return Err(bad("signature too short".into()));
     }
-    Ok((
-        hop,
-        SvidSignature {
-            chain,
-            scheme: u16::from_be_bytes([sig[0], sig[1]]),
-            signature: sig[2..].to_vec(),
-        },
-        p,
-    ))
+    Ok(SvidSignature {
+        chain,
+        scheme: u16::from_be_bytes([sig[0], sig[1]]),
+        signature: sig[2..].to_vec(),
+    })
 }
 
 /// Verifies `value` as received from `peer` by the service `own`.
@@ -229,8 +256,10 @@ pub fn verify(
     let max_ms = limits.max_age.as_millis() as i64;
     let skew_ms = limits.skew.as_millis() as i64;
     let mut hops: Vec<Hop> = Vec::with_capacity(texts.len());
+    let last_i = texts.len() - 1;
     for (i, text) in texts.iter().enumerate() {
-        let (hop, sig, payload_b64) = parse_hop(i, text)?;
+        let parts = parse_hop(i, text)?;
+        let hop = &parts.hop;
         if hop.v != 1 {
             return Err(ChainError::Malformed {
                 hop: i,
@@ -274,19 +303,24 @@ pub fn verify(
                 max_ms,
             });
         }
-        let mut msg = DOMAIN.to_vec();
-        msg.extend_from_slice(payload_b64.as_bytes());
-        let at = rustls_pki_types::UnixTime::since_unix_epoch(Duration::from_millis(hop.t.max(0) as u64));
-        let signer = bundle
-            .verify_signature(&sig, &msg, at)
-            .map_err(|reason| ChainError::Forged { hop: i, reason })?;
-        if signer.to_string() != hop.from {
-            return Err(ChainError::Forged {
-                hop: i,
-                reason: format!("signed by {signer}, but claims caller {}", hop.from),
-            });
+        // The peer's own hop arrived on the connection that authenticated the peer (checked below: its `from`
+        // must be the peer); its signature is for the services further down the chain.
+        if i != last_i || limits.peer_signature {
+            let sig = parse_signature(i, &parts)?;
+            let mut msg = DOMAIN.to_vec();
+            msg.extend_from_slice(parts.payload_b64.as_bytes());
+            let at = rustls_pki_types::UnixTime::since_unix_epoch(Duration::from_millis(hop.t.max(0) as u64));
+            let signer = bundle
+                .verify_signature(&sig, &msg, at)
+                .map_err(|reason| ChainError::Forged { hop: i, reason })?;
+            if signer.to_string() != hop.from {
+                return Err(ChainError::Forged {
+                    hop: i,
+                    reason: format!("signed by {signer}, but claims caller {}", hop.from),
+                });
+            }
         }
-        hops.push(hop);
+        hops.push(parts.hop);
     }
     let last = hops.last().ok_or_else(|| ChainError::Malformed {
         hop: 0,
@@ -512,26 +546,33 @@ mod tests {
             verify(parts[1], &t.bundle, B, C, &lim).unwrap_err().label(),
             "broken"
         );
-        // Forged: B signs a hop claiming to be A.
-        let forged = append(None, &hop(A, &to_c), &kb).unwrap();
-        let e = verify(&forged, &t.bundle, A, C, &lim).unwrap_err();
-        assert_eq!(e.label(), "forged", "{e}");
-        // Another trust domain's key.
-        let other = td();
-        let alien = append(None, &hop(A, &to_b), &svid(&other, A)).unwrap();
-        assert_eq!(
-            verify(&alien, &t.bundle, A, B, &lim).unwrap_err().label(),
-            "forged"
-        );
-        // A payload changed after signing.
+        // Forged: B signs a hop claiming to be A; another trust domain's key; a payload changed after signing.
+        let forged = append(None, &hop(A, &to_b), &kb).unwrap();
+        let alien = append(None, &hop(A, &to_b), &svid(&td(), A)).unwrap();
         let (p, rest) = ab.split_once('.').unwrap();
         let mut hop0: Hop = serde_json::from_slice(&B64.decode(p).unwrap()).unwrap();
         hop0.p = "/admin".into();
         let tampered = format!("{}.{rest}", B64.encode(serde_json::to_vec(&hop0).unwrap()));
-        assert_eq!(
-            verify(&tampered, &t.bundle, A, B, &lim).unwrap_err().label(),
-            "forged"
-        );
+        let checked = Limits {
+            peer_signature: true,
+            ..Limits::default()
+        };
+        for bad in [&forged, &alien, &tampered] {
+            // As an earlier hop, passed on by B: always refused.
+            let passed_on = append(Some(bad), &hop(B, &to_c), &kb).unwrap();
+            let e = verify(&passed_on, &t.bundle, B, C, &lim).unwrap_err();
+            assert!(matches!(e, ChainError::Forged { hop: 0, .. }), "{e}");
+            // As the peer's own hop: refused when the peer's signature is checked too ...
+            let e = verify(bad, &t.bundle, A, B, &checked).unwrap_err();
+            assert_eq!(e.label(), "forged", "{e}");
+            // ... and otherwise it is what peer A said on its own authenticated connection.
+            assert_eq!(verify(bad, &t.bundle, A, B, &lim).unwrap().callers(), vec![A]);
+            // Nobody else can present it as A's.
+            assert_eq!(
+                verify(bad, &t.bundle, B, B, &lim).unwrap_err().label(),
+                "not_for_us"
+            );
+        }
         // Replay after the window.
         let strict = Limits {
             max_age: Duration::from_millis(50),

@@ -127,10 +127,17 @@ fn run(cli: Cli) -> Result<ExitCode, String> {
                 .with_writer(std::io::stderr)
                 .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
                 .try_init();
-            let mut rt = tokio::runtime::Builder::new_multi_thread();
-            if let Some(n) = cfg.worker_threads {
-                rt.worker_threads(n);
-            }
+            // One worker: the current-thread scheduler (everything on this thread, no work-stealing or
+            // cross-thread wake-ups); otherwise the multi-threaded one, one worker per core by default.
+            let mut rt = match cfg.worker_threads {
+                Some(1) => tokio::runtime::Builder::new_current_thread(),
+                Some(n) => {
+                    let mut b = tokio::runtime::Builder::new_multi_thread();
+                    b.worker_threads(n);
+                    b
+                }
+                None => tokio::runtime::Builder::new_multi_thread(),
+            };
             let rt = rt
                 .enable_all()
                 .build()

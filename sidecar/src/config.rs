@@ -117,6 +117,10 @@ pub struct ChainConfig {
     /// Oldest hop accepted: older chains are refused as replays (default 60s).
     #[serde(default = "default_chain_age", deserialize_with = "de_duration")]
     pub max_age: Duration,
+    /// Also verify the signature of the hop the mTLS peer itself added (default false: the connection already
+    /// authenticates the peer; services further down the chain verify that signature as an earlier hop).
+    #[serde(default)]
+    pub verify_peer_signature: bool,
 }
 
 impl Default for ChainConfig {
@@ -125,6 +129,7 @@ impl Default for ChainConfig {
             max_hops: default_max_hops(),
             max_bytes: default_chain_bytes(),
             max_age: default_chain_age(),
+            verify_peer_signature: false,
         }
     }
 }
@@ -625,7 +630,14 @@ mod tests {
         assert_eq!(c.workload_api_socket, PathBuf::from("/etc/trustline/agent.sock"));
         assert_eq!(c.limits.max_connections, 10_000);
         assert_eq!(c.worker_threads, None);
+        assert!(!c.chain.verify_peer_signature);
         assert_eq!(r[0][0].upstream, "db:5432");
+        let (c, _) = parse(&format!(
+            "workload_api_socket = \"a.sock\"\n[chain]\nverify_peer_signature = true\n{}",
+            "[[inbound]]\nlisten = \"127.0.0.1:1\"\napp = \"127.0.0.1:2\"\n"
+        ))
+        .unwrap();
+        assert!(c.chain.verify_peer_signature);
     }
 
     #[test]
