@@ -659,9 +659,76 @@ impl PolicySet {
         (decision, traces)
     }
 
-    /// Evaluates `r`.
+    /// The header names (lowercase) that some condition reads: the only ones a [`Request`] needs to carry.
+    pub fn header_names(&self) -> impl Iterator<Item = &str> {
+        self.policies
+            .iter()
+            .flat_map(|(_, p)| &p.rules)
+            .flat_map(|r| &r.when)
+            .filter_map(|c| match &c.key {
+                ConditionKey::Header(h) => Some(h.as_str()),
+                _ => None,
+            })
+    }
+
+    /// Evaluates `r`: the same decision as [`explain`](Self::explain), without the per-rule trace (this runs on
+    /// every request; rules that cannot change the outcome are skipped).
     pub fn evaluate(&self, r: &Request) -> Decision {
-        self.explain(r).0
+        let mut deny: Option<(&str, usize)> = None;
+        let mut allow: Option<(&str, usize)> = None;
+        let mut any_allow = false;
+        let mut audit = Vec::new();
+        for (_, p) in &self.policies {
+            let first = match p.action {
+                Action::Allow => {
+                    any_allow = true;
+                    &mut allow
+                }
+                Action::Deny => &mut deny,
+                Action::Audit => {
+                    for (i, rule) in p.rules.iter().enumerate() {
+                        if rule.check(r).is_ok() {
+                            audit.push((p.name.clone(), i));
+                        }
+                    }
+                    continue;
+                }
+            };
+            if first.is_none() {
+                *first = p
+                    .rules
+                    .iter()
+                    .position(|rule| rule.check(r).is_ok())
+                    .map(|i| (p.name.as_str(), i));
+            }
+        }
+        let by = |(name, i): (&str, usize)| Some((name.to_owned(), i));
+        match (deny, allow) {
+            (Some(d), _) => Decision {
+                allowed: false,
+                reason: format!("DENY policy {:?} rule #{} matched", d.0, d.1),
+                by: by(d),
+                audit,
+            },
+            (None, Some(a)) => Decision {
+                allowed: true,
+                reason: format!("ALLOW policy {:?} rule #{} matched", a.0, a.1),
+                by: by(a),
+                audit,
+            },
+            (None, None) if any_allow => Decision {
+                allowed: false,
+                reason: "ALLOW policies exist and none of their rules matched (default deny)".into(),
+                by: None,
+                audit,
+            },
+            (None, None) => Decision {
+                allowed: true,
+                reason: "no ALLOW policy exists and no DENY rule matched (default allow)".into(),
+                by: None,
+                audit,
+            },
+        }
     }
 }
 
@@ -681,6 +748,13 @@ mod tests {
                 })
                 .collect(),
         }
+    }
+
+    /// `evaluate`, checked against `explain`'s decision.
+    fn eval(s: &PolicySet, r: &Request) -> Decision {
+        let d = s.evaluate(r);
+        assert_eq!(d, s.explain(r).0, "evaluate and explain disagree");
+        d
     }
 
     fn req(principal: &str, method: &str, path: &str) -> Request {
@@ -706,18 +780,18 @@ mod tests {
             "name: never-via-batch\naction: DENY\nrules:\n  - when:\n      - key: request.chain.callers\n        values: [\"spiffe://example.org/batch\"]\n",
         ]);
         let mut r = req("spiffe://example.org/checkout", "POST", "/payments/1");
-        assert!(!set.evaluate(&r).allowed, "no chain: no origin");
+        assert!(!eval(&set, &r).allowed, "no chain: no origin");
         r.chain = vec![FRONTEND.into(), "spiffe://example.org/checkout".into()];
-        assert!(set.evaluate(&r).allowed);
+        assert!(eval(&set, &r).allowed);
         r.chain = vec!["spiffe://example.org/checkout".into()];
-        assert!(!set.evaluate(&r).allowed, "starts elsewhere");
+        assert!(!eval(&set, &r).allowed, "starts elsewhere");
         r.chain = vec![FRONTEND.into(), "spiffe://example.org/batch".into()];
-        let d = set.evaluate(&r);
+        let d = eval(&set, &r);
         assert_eq!(d.by.unwrap().0, "never-via-batch");
         r.chain = vec![FRONTEND.into(), "a".into(), "b".into(), "c".into()];
-        assert_eq!(set.evaluate(&r).by.unwrap().0, "no-long-chains");
+        assert_eq!(eval(&set, &r).by.unwrap().0, "no-long-chains");
         r.chain.pop();
-        assert!(set.evaluate(&r).allowed, "3 hops is not > 3");
+        assert!(eval(&set, &r).allowed, "3 hops is not > 3");
         let e = PolicySet::parse_file(
             Path::new("p.yaml"),
             "name: x\naction: DENY\nrules:\n  - when:\n      - key: request.chain.length\n        values: [\"many\"]\n",
@@ -745,12 +819,12 @@ mod tests {
 
     #[test]
     fn no_policy_allows_and_any_allow_policy_switches_to_default_deny() {
-        assert!(PolicySet::default().evaluate(&req(FRONTEND, "GET", "/")).allowed);
+        assert!(eval(&PolicySet::default(), &req(FRONTEND, "GET", "/")).allowed);
         let s = set(&["name: only-frontend\naction: ALLOW\nrules:\n  - from:\n      - source:\n          principals: [\"spiffe://example.org/frontend\"]\n"]);
-        let d = s.evaluate(&req(FRONTEND, "GET", "/x"));
+        let d = eval(&s, &req(FRONTEND, "GET", "/x"));
         assert!(d.allowed);
         assert_eq!(d.by, Some(("only-frontend".into(), 0)));
-        let d = s.evaluate(&req("spiffe://example.org/batch", "GET", "/x"));
+        let d = eval(&s, &req("spiffe://example.org/batch", "GET", "/x"));
         assert!(!d.allowed);
         assert!(d.reason.contains("default deny"), "{}", d.reason);
     }
@@ -762,10 +836,10 @@ mod tests {
             "name: no-admin\naction: DENY\nrules:\n  - to:\n      - operation:\n          paths: [\"/admin*\"]\n",
             "name: audit-payments\naction: AUDIT\nrules:\n  - to:\n      - operation:\n          paths: [\"/payments/*\"]\n",
         ]);
-        let d = s.evaluate(&req(FRONTEND, "GET", "/admin/users"));
+        let d = eval(&s, &req(FRONTEND, "GET", "/admin/users"));
         assert!(!d.allowed);
         assert_eq!(d.by, Some(("no-admin".into(), 0)));
-        let d = s.evaluate(&req(FRONTEND, "POST", "/payments/42"));
+        let d = eval(&s, &req(FRONTEND, "POST", "/payments/42"));
         assert!(d.allowed);
         assert_eq!(d.audit, vec![("audit-payments".into(), 0)]);
     }
@@ -773,13 +847,10 @@ mod tests {
     #[test]
     fn fields_and_within_a_source_values_or_and_not_forms() {
         let s = set(&["name: p\naction: ALLOW\nrules:\n  - from:\n      - source:\n          principals: [\"spiffe://example.org/*\"]\n          notPrincipals: [\"spiffe://example.org/batch\"]\n    to:\n      - operation:\n          methods: [GET, HEAD]\n          paths: [\"/api/*\"]\n          notPaths: [\"/api/internal*\"]\n          ports: [8080]\n    when:\n      - key: request.headers[X-Env]\n        values: [prod]\n"]);
-        assert!(s.evaluate(&req(FRONTEND, "GET", "/api/x")).allowed);
-        assert!(
-            !s.evaluate(&req("spiffe://example.org/batch", "GET", "/api/x"))
-                .allowed
-        );
-        assert!(!s.evaluate(&req(FRONTEND, "POST", "/api/x")).allowed);
-        assert!(!s.evaluate(&req(FRONTEND, "GET", "/api/internal/x")).allowed);
+        assert!(eval(&s, &req(FRONTEND, "GET", "/api/x")).allowed);
+        assert!(!eval(&s, &req("spiffe://example.org/batch", "GET", "/api/x")).allowed);
+        assert!(!eval(&s, &req(FRONTEND, "POST", "/api/x")).allowed);
+        assert!(!eval(&s, &req(FRONTEND, "GET", "/api/internal/x")).allowed);
         let mut r = req(FRONTEND, "GET", "/api/x");
         r.headers.clear();
         let (d, traces) = s.explain(&r);
@@ -793,19 +864,19 @@ mod tests {
             "{traces:?}"
         );
         r.port = Some(9090);
-        assert!(!s.evaluate(&r).allowed);
+        assert!(!eval(&s, &r).allowed);
     }
 
     #[test]
     fn claims_and_empty_allow_policy() {
         let s = set(&["name: by-claim\naction: ALLOW\nrules:\n  - when:\n      - key: request.auth.claims[aud]\n        values: [payments]\n"]);
         let mut r = req(FRONTEND, "GET", "/");
-        assert!(!s.evaluate(&r).allowed, "no token, no claims");
+        assert!(!eval(&s, &r).allowed, "no token, no claims");
         r.claims = Some(serde_json::json!({"aud": "payments"}));
-        assert!(s.evaluate(&r).allowed);
+        assert!(eval(&s, &r).allowed);
         let s = set(&["name: nothing\naction: ALLOW\n"]);
         assert!(
-            !s.evaluate(&r).allowed,
+            !eval(&s, &r).allowed,
             "an ALLOW policy without rules denies everything"
         );
     }

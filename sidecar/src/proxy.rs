@@ -992,10 +992,13 @@ impl Inbound {
                 path: req.uri().path().to_owned(),
                 host: request_host(&req),
                 port: Some(self.app.port()),
-                headers: req
-                    .headers()
-                    .iter()
-                    .filter_map(|(k, v)| v.to_str().ok().map(|v| (k.as_str().to_owned(), v.to_owned())))
+                // Only the headers some condition reads (the rest would be copied for nothing).
+                headers: policies
+                    .header_names()
+                    .filter_map(|k| {
+                        let v = req.headers().get(k)?.to_str().ok()?;
+                        Some((k.to_owned(), v.to_owned()))
+                    })
                     .collect(),
                 claims,
                 chain: callers,
@@ -1189,7 +1192,12 @@ impl Outbound {
         }) {
             Ok((text, v)) => {
                 rec.chain_digest = crate::chain::digest(&text);
-                rec.chain = crate::chain::callers_unverified(&text);
+                // The callers the app propagated (not verified here: the callee verifies them), then us.
+                rec.chain = existing
+                    .as_deref()
+                    .map(crate::chain::callers_unverified)
+                    .unwrap_or_default();
+                rec.chain.push(rec.local.clone());
                 req.headers_mut().insert(crate::chain::HEADER, v);
             }
             Err(e) => {
