@@ -19,6 +19,7 @@
 //! Knobs: `TRUSTLINE_BENCH_RATES=1000,2000,4000`, `TRUSTLINE_BENCH_SECS=5`, `TRUSTLINE_BENCH_CONNS=16`,
 //! `TRUSTLINE_BENCH_MAX_CONNS=32`, `TRUSTLINE_BENCH_HS_THREADS=4`, `TRUSTLINE_BENCH_IDLE=10000`,
 //! `TRUSTLINE_BENCH_ONLY=trustline,nginx,haproxy`, `TRUSTLINE_BENCH_TL_LOG=0` (log off, for comparison),
+//! `TRUSTLINE_BENCH_TL_FSYNC=batch|10ms|never` (the log's fsync policy, default `batch`),
 //! `TRUSTLINE_BENCH_IDLE_REQUEST=0` (idle connections without their one request).
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -530,11 +531,13 @@ fn idle_memory(mesh: &Mesh, backend: SocketAddr, client: &Arc<rustls::ClientConf
 
 fn trustline_pair(mesh: &Mesh, backend: SocketAddr, cpu: usize) -> (Sidecar, Sidecar) {
     // `TRUSTLINE_BENCH_TL_LOG=0` turns the accountability log off (for comparison only: the targets need it on).
+    // `TRUSTLINE_BENCH_TL_FSYNC=10ms` (or `never`) sets `log.fsync` (default `batch`, the sidecar's default).
     let on = env_or("TRUSTLINE_BENCH_TL_LOG", 1u8) != 0;
+    let fsync = std::env::var("TRUSTLINE_BENCH_TL_FSYNC").unwrap_or_else(|_| "batch".into());
     let log = |n: &str| {
         if on {
             format!(
-                "[log]\ndir = \"{}\"\n",
+                "[log]\ndir = \"{}\"\nfsync = \"{fsync}\"\n",
                 mesh.tmp.path().join(format!("log-{n}")).display()
             )
         } else {
