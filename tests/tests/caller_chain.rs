@@ -109,10 +109,11 @@ async fn a_chain_from_a_through_b_reaches_c_and_every_forgery_is_refused() {
     );
     let b_out = Arc::new(OnceLock::new());
     let app_b = app_b(b_out.clone()).await;
+    // B serves on one worker thread (the current-thread runtime), the others on the default runtime.
     let b = mesh.sidecar(
         "b",
         &format!(
-            "{}[[inbound]]\nlisten = \"127.0.0.1:0\"\napp = \"{app_b}\"\n{}",
+            "worker_threads = 1\n{}[[inbound]]\nlisten = \"127.0.0.1:0\"\napp = \"{app_b}\"\n{}",
             log_cfg(&logs.join("b")),
             route("c", c.inbound[0], "c")
         ),
