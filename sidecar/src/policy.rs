@@ -626,36 +626,13 @@ impl PolicySet {
                 .filter_map(|t| t.rule.map(|i| (t.policy.clone(), i)))
         };
         let audit: Vec<(String, usize)> = matched(Action::Audit).collect();
-        let decision = if let Some(by) = matched(Action::Deny).next() {
-            Decision {
-                allowed: false,
-                reason: format!("DENY policy {:?} rule #{} matched", by.0, by.1),
-                by: Some(by),
-                audit,
-            }
-        } else if self.policies.iter().any(|(_, p)| p.action == Action::Allow) {
-            match matched(Action::Allow).next() {
-                Some(by) => Decision {
-                    allowed: true,
-                    reason: format!("ALLOW policy {:?} rule #{} matched", by.0, by.1),
-                    by: Some(by),
-                    audit,
-                },
-                None => Decision {
-                    allowed: false,
-                    reason: "ALLOW policies exist and none of their rules matched (default deny)".into(),
-                    by: None,
-                    audit,
-                },
-            }
-        } else {
-            Decision {
-                allowed: true,
-                reason: "no ALLOW policy exists and no DENY rule matched (default allow)".into(),
-                by: None,
-                audit,
-            }
-        };
+        let any_allow = self.policies.iter().any(|(_, p)| p.action == Action::Allow);
+        let decision = decide(
+            matched(Action::Deny).next(),
+            matched(Action::Allow).next(),
+            any_allow,
+            audit,
+        );
         (decision, traces)
     }
 
@@ -702,33 +679,44 @@ impl PolicySet {
                     .map(|i| (p.name.as_str(), i));
             }
         }
-        let by = |(name, i): (&str, usize)| Some((name.to_owned(), i));
-        match (deny, allow) {
-            (Some(d), _) => Decision {
-                allowed: false,
-                reason: format!("DENY policy {:?} rule #{} matched", d.0, d.1),
-                by: by(d),
-                audit,
-            },
-            (None, Some(a)) => Decision {
-                allowed: true,
-                reason: format!("ALLOW policy {:?} rule #{} matched", a.0, a.1),
-                by: by(a),
-                audit,
-            },
-            (None, None) if any_allow => Decision {
-                allowed: false,
-                reason: "ALLOW policies exist and none of their rules matched (default deny)".into(),
-                by: None,
-                audit,
-            },
-            (None, None) => Decision {
-                allowed: true,
-                reason: "no ALLOW policy exists and no DENY rule matched (default allow)".into(),
-                by: None,
-                audit,
-            },
-        }
+        let owned = |(name, i): (&str, usize)| (name.to_owned(), i);
+        decide(deny.map(owned), allow.map(owned), any_allow, audit)
+    }
+}
+
+/// The decision from the first matching DENY and ALLOW rules, whether any ALLOW policy exists, and the AUDIT
+/// matches (shared by [`PolicySet::explain`] and [`PolicySet::evaluate`]).
+fn decide(
+    deny: Option<(String, usize)>,
+    allow: Option<(String, usize)>,
+    any_allow: bool,
+    audit: Vec<(String, usize)>,
+) -> Decision {
+    match (deny, allow) {
+        (Some(by), _) => Decision {
+            allowed: false,
+            reason: format!("DENY policy {:?} rule #{} matched", by.0, by.1),
+            by: Some(by),
+            audit,
+        },
+        (None, Some(by)) => Decision {
+            allowed: true,
+            reason: format!("ALLOW policy {:?} rule #{} matched", by.0, by.1),
+            by: Some(by),
+            audit,
+        },
+        (None, None) if any_allow => Decision {
+            allowed: false,
+            reason: "ALLOW policies exist and none of their rules matched (default deny)".into(),
+            by: None,
+            audit,
+        },
+        (None, None) => Decision {
+            allowed: true,
+            reason: "no ALLOW policy exists and no DENY rule matched (default allow)".into(),
+            by: None,
+            audit,
+        },
     }
 }
 
