@@ -20,7 +20,7 @@
 //! The last hop is the peer's own statement, received over the mutual-TLS connection that authenticated that
 //! peer: by default its signature is not checked here (the channel already proves who sent it; the signature is
 //! for the services further down the chain, which check it as one of their earlier hops). With
-//! [`Limits::peer_signature`] it is checked too.
+//! [`Limits::verify_peer_signature`] it is checked too.
 
 use std::sync::Mutex;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -46,7 +46,7 @@ pub struct Limits {
     /// Clock skew tolerated for hops from the future.
     pub skew: Duration,
     /// Also verify the signature of the last hop, the one the mTLS peer itself added (`chain.verify_peer_signature`).
-    pub peer_signature: bool,
+    pub verify_peer_signature: bool,
 }
 
 impl Default for Limits {
@@ -56,7 +56,7 @@ impl Default for Limits {
             max_bytes: 32 * 1024,
             max_age: Duration::from_secs(60),
             skew: Duration::from_secs(5),
-            peer_signature: false,
+            verify_peer_signature: false,
         }
     }
 }
@@ -305,7 +305,7 @@ pub fn verify(
         }
         // The peer's own hop arrived on the connection that authenticated the peer (checked below: its `from`
         // must be the peer); its signature is for the services further down the chain.
-        if i != last_i || limits.peer_signature {
+        if i != last_i || limits.verify_peer_signature {
             let sig = parse_signature(i, &parts)?;
             let mut msg = DOMAIN.to_vec();
             msg.extend_from_slice(parts.payload_b64.as_bytes());
@@ -554,7 +554,7 @@ mod tests {
         hop0.p = "/admin".into();
         let tampered = format!("{}.{rest}", B64.encode(serde_json::to_vec(&hop0).unwrap()));
         let checked = Limits {
-            peer_signature: true,
+            verify_peer_signature: true,
             ..Limits::default()
         };
         for bad in [&forged, &alien, &tampered] {

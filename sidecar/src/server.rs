@@ -254,7 +254,7 @@ pub async fn run(
             max_hops: config.chain.max_hops,
             max_bytes: config.chain.max_bytes,
             max_age: config.chain.max_age,
-            peer_signature: config.chain.verify_peer_signature,
+            verify_peer_signature: config.chain.verify_peer_signature,
             ..crate::chain::Limits::default()
         },
         recent_chains: crate::chain::Recent::default(),
