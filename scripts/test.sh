@@ -5,6 +5,20 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+# Disk: a clean debug build of the workspace with its test binaries, Tongsuo and the Python client takes about
+# 8 GiB under target/. Say how much is free, and stop before the build fills the disk half-way (cargo then fails
+# with "No space left on device" and exit 101, far from the cause).
+TARGET_DIR="${CARGO_TARGET_DIR:-$PWD/target}"
+mkdir -p "$TARGET_DIR"
+free_kib="$(df -Pk "$TARGET_DIR" | awk 'NR==2 {print $4}')"
+need_gib="${TRUSTLINE_TEST_MIN_FREE_GIB:-10}"
+echo "== disk: $((free_kib / 1048576)) GiB free for $TARGET_DIR ($(du -sh "$TARGET_DIR" 2>/dev/null | cut -f1) used by it)"
+if [ "$free_kib" -lt $((need_gib * 1048576)) ]; then
+  echo "error: only $((free_kib / 1048576)) GiB free on the disk holding $TARGET_DIR; the tests need about $need_gib GiB" >&2
+  echo "       (free space, e.g. 'cargo clean --release' or 'cargo clean', or set TRUSTLINE_TEST_MIN_FREE_GIB)" >&2
+  exit 2
+fi
+
 need_apt=()
 PG_BIN=""
 for v in 17 16 15; do
@@ -56,6 +70,8 @@ else
   run_pg() { "$@"; }
 fi
 run_pg "$PG_BIN/initdb" -D "$PG_DIR/data" -A trust -U postgres >/dev/null
+# One role authenticates with SCRAM over TLS only, for the channel-binding test; every other connection is trusted.
+run_pg sed -i '1i hostssl all trustline_scram 127.0.0.1/32 scram-sha-256' "$PG_DIR/data/pg_hba.conf"
 # TLS for the store tests: a throwaway CA and a server certificate for 127.0.0.1 and localhost.
 openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -keyout "$PG_DIR/ca.key" \
   -out "$PG_DIR/ca.crt" -days 2 -subj "/CN=trustline test PostgreSQL CA" 2>/dev/null

@@ -217,20 +217,63 @@ fn a_torn_tail_is_cut_on_open_and_appending_continues() {
     assert_eq!(r.records, 101);
 }
 
-#[tokio::test]
-async fn durable_appends_resolve_after_the_write() {
+/// A new log in a new directory, with a checkpoint signer.
+fn fresh_log() -> (tempfile::TempDir, Log) {
     let d = tempfile::tempdir().unwrap();
     let (_, signer) = identity();
     let (log, _) = Log::open(LogConfig::new(d.path().to_owned()), Some(signer)).unwrap();
+    (d, log)
+}
+
+/// Records written and synced so far.
+fn durable(log: &Log) -> u64 {
+    log.stats().durable.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+#[tokio::test]
+async fn durable_appends_resolve_after_the_write() {
+    let (d, log) = fresh_log();
     for i in 0..10 {
         log.append_durable(&rec(i)).await.unwrap();
     }
-    assert_eq!(log.stats().durable.load(std::sync::atomic::Ordering::Relaxed), 10);
+    assert_eq!(durable(&log), 10);
     assert_eq!(
         verify::records(d.path(), None).unwrap().len(),
         10,
         "on disk before close"
     );
+    log.close();
+}
+
+/// Waits (bounded) until `n` records are durable.
+async fn durable_reaches(log: &Log, n: u64) {
+    let t = std::time::Instant::now();
+    while durable(log) < n {
+        assert!(
+            t.elapsed() < std::time::Duration::from_secs(5),
+            "{n} records not durable"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+    }
+}
+
+/// Records nobody waits on, arriving at a steady pace, go out in lingering batches while the log stays open; a
+/// durable record in between still resolves at once, and one after a pause wakes the writer.
+#[tokio::test]
+async fn queued_records_reach_the_disk_in_batches_and_after_pauses() {
+    let (d, log) = fresh_log();
+    for i in 0..20 {
+        log.try_append(&rec(i)).unwrap();
+        tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+    }
+    durable_reaches(&log, 20).await;
+    log.append_durable(&rec(20)).await.unwrap();
+    assert_eq!(durable(&log), 21);
+    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    log.try_append(&rec(21)).unwrap();
+    durable_reaches(&log, 22).await;
+    let records = verify::records(d.path(), None).unwrap();
+    assert_eq!(records.len(), 22, "on disk before close");
     log.close();
 }
 
@@ -301,4 +344,52 @@ fn encrypted_records_verify_without_the_key_and_read_only_with_it() {
     assert!(!r.ok());
     let e = verify::records(d.path(), Some(&key)).unwrap_err().to_string();
     assert!(e.contains("record 120"), "{e}");
+}
+
+/// Signs nothing until released: says when the writer thread enters its checkpoint, and holds it there.
+struct Gate {
+    entered: std::sync::Mutex<std::sync::mpsc::Sender<()>>,
+    release: std::sync::Mutex<std::sync::mpsc::Receiver<()>>,
+}
+
+impl CheckpointSigner for Gate {
+    fn sign(&self, _message: &[u8]) -> Option<Result<trustline_identity::tls::SvidSignature, String>> {
+        let _ = self.entered.lock().unwrap().send(());
+        let _ = self.release.lock().unwrap().recv();
+        None
+    }
+}
+
+#[test]
+fn a_full_queue_refuses_records_and_takes_them_again_once_drained() {
+    let dir = tempfile::tempdir().unwrap();
+    let (release, release_rx) = std::sync::mpsc::channel();
+    let (entered_tx, entered) = std::sync::mpsc::channel();
+    let gate = Gate {
+        entered: std::sync::Mutex::new(entered_tx),
+        release: std::sync::Mutex::new(release_rx),
+    };
+    let mut cfg = LogConfig::new(dir.path().to_owned());
+    cfg.queue = 4;
+    cfg.checkpoint_records = 1;
+    let (log, _) = Log::open(cfg, Some(Arc::new(gate))).unwrap();
+    // The first record reaches the writer, which then waits in its checkpoint; four more fill the queue.
+    log.try_append(&rec(0)).unwrap();
+    entered.recv_timeout(std::time::Duration::from_secs(10)).unwrap();
+    for i in 1..=4 {
+        log.try_append(&rec(i)).unwrap();
+    }
+    assert_eq!(log.try_append(&rec(5)), Err(AppendError::Full));
+    assert_eq!(log.stats().refused.load(std::sync::atomic::Ordering::Relaxed), 1);
+    // Released, the writer drains the queue: records are taken again.
+    drop(release);
+    let t = std::time::Instant::now();
+    while log.try_append(&rec(6)).is_err() {
+        assert!(
+            t.elapsed() < std::time::Duration::from_secs(10),
+            "the queue never drained"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    log.close();
 }

@@ -1,4 +1,5 @@
-//! Side by side: the same loopback scenario through three sidecar pairs, Trustline, nginx and HAProxy:
+//! Side by side: the same loopback scenario through three sidecar pairs, Trustline, nginx and HAProxy (and, for
+//! scale, a "floor" pair: HAProxy as a plaintext TCP relay on both sides, the upper bound of any pair here):
 //!
 //! ```text
 //! load --plaintext HTTP/1.1 keep-alive--> client-side proxy ==mTLS 1.3, client cert==> server-side proxy --> backend
@@ -18,7 +19,8 @@
 //! Run everything with `bench/run.sh` (installs nginx and haproxy, builds the release binaries, runs this).
 //! Knobs: `TRUSTLINE_BENCH_RATES=1000,2000,4000`, `TRUSTLINE_BENCH_SECS=5`, `TRUSTLINE_BENCH_CONNS=16`,
 //! `TRUSTLINE_BENCH_MAX_CONNS=32`, `TRUSTLINE_BENCH_HS_THREADS=4`, `TRUSTLINE_BENCH_IDLE=10000`,
-//! `TRUSTLINE_BENCH_ONLY=trustline,nginx,haproxy`, `TRUSTLINE_BENCH_TL_LOG=0` (log off, for comparison),
+//! `TRUSTLINE_BENCH_ONLY=trustline,nginx,haproxy,floor` (or `idle`: only the idle-memory figures; `floor` is a
+//! plaintext HAProxy TCP relay pair, the upper bound of any pair here), `TRUSTLINE_BENCH_TL_LOG=0` (log off, for comparison),
 //! `TRUSTLINE_BENCH_TL_FSYNC=batch|10ms|never` (the log's fsync policy, default `batch`),
 //! `TRUSTLINE_BENCH_IDLE_REQUEST=0` (idle connections without their one request).
 
@@ -120,9 +122,23 @@ struct Pair {
     server: SocketAddr,
     client_procs: Procs,
     server_procs: Procs,
+    /// False for the floor (a plaintext TCP relay): no TLS, no path rule.
+    proxy: bool,
 }
 
 impl Pair {
+    /// A pair of proxy processes: the load enters at `client`, which forwards to `server`.
+    fn of(name: &'static str, client: &Proxy, server: &Proxy, proxy: bool) -> Self {
+        Self {
+            name,
+            entry: client.listen,
+            server: server.listen,
+            client_procs: client.procs.clone(),
+            server_procs: server.procs.clone(),
+            proxy,
+        }
+    }
+
     fn procs(&self) -> Procs {
         Procs {
             pids: [self.client_procs.pids.clone(), self.server_procs.pids.clone()].concat(),
@@ -167,7 +183,8 @@ fn main() {
     let idle_n = env_or("TRUSTLINE_BENCH_IDLE", 10_000usize);
     let load_cpu = env_or("TRUSTLINE_BENCH_LOAD_CPU", 0usize);
     let proxy_cpu = env_or("TRUSTLINE_BENCH_PROXY_CPU", 1usize);
-    let only = std::env::var("TRUSTLINE_BENCH_ONLY").unwrap_or_else(|_| "trustline,nginx,haproxy".into());
+    let only =
+        std::env::var("TRUSTLINE_BENCH_ONLY").unwrap_or_else(|_| "trustline,nginx,haproxy,floor".into());
 
     // Room for 10,000 idle connections (the sidecars inherit the limit).
     raise_nofile();
@@ -182,6 +199,11 @@ fn main() {
     let tmp = mesh.tmp.path().to_owned();
     let loadgen = mint(&mesh, "loadgen", None);
     let client = tls_client(&mesh, &loadgen);
+    if only == "idle" {
+        // `TRUSTLINE_BENCH_ONLY=idle`: only the idle-memory measurement.
+        idle_memory(&mesh, backend, &client, idle_n, proxy_cpu);
+        return;
+    }
     let mut pairs: Vec<Pair> = Vec::new();
     let mut keep_sidecars: Vec<Sidecar> = Vec::new();
     let mut keep_proxies: Vec<Proxy> = Vec::new();
@@ -198,6 +220,7 @@ fn main() {
             server_procs: Procs {
                 pids: vec![sidecar_pid(&api)],
             },
+            proxy: true,
         });
         keep_sidecars.extend([api, web]);
     }
@@ -221,13 +244,7 @@ fn main() {
             c_addr,
             proxy_cpu,
         );
-        pairs.push(Pair {
-            name: "nginx",
-            entry: c.listen,
-            server: s.listen,
-            client_procs: c.procs.clone(),
-            server_procs: s.procs.clone(),
-        });
+        pairs.push(Pair::of("nginx", &c, &s, true));
         keep_proxies.extend([s, c]);
     }
     if only.contains("haproxy") {
@@ -248,13 +265,25 @@ fn main() {
             c_addr,
             proxy_cpu,
         );
-        pairs.push(Pair {
-            name: "HAProxy",
-            entry: c.listen,
-            server: s.listen,
-            client_procs: c.procs.clone(),
-            server_procs: s.procs.clone(),
-        });
+        pairs.push(Pair::of("HAProxy", &c, &s, true));
+        keep_proxies.extend([s, c]);
+    }
+
+    if only.contains("floor") {
+        let (s_addr, c_addr) = (free_addr(), free_addr());
+        let s = proxies::spawn_haproxy(
+            &tmp.join("floor-server"),
+            &proxies::haproxy_tcp_relay(s_addr, backend),
+            s_addr,
+            proxy_cpu,
+        );
+        let c = proxies::spawn_haproxy(
+            &tmp.join("floor-client"),
+            &proxies::haproxy_tcp_relay(c_addr, s_addr),
+            c_addr,
+            proxy_cpu,
+        );
+        pairs.push(Pair::of("floor (TCP relay)", &c, &s, false));
         keep_proxies.extend([s, c]);
     }
 
@@ -274,12 +303,14 @@ fn main() {
             "{}: the request is allowed",
             p.name
         );
-        assert_eq!(
-            load::request(&mut r, load::DENIED),
-            403,
-            "{}: /admin is refused",
-            p.name
-        );
+        if p.proxy {
+            assert_eq!(
+                load::request(&mut r, load::DENIED),
+                403,
+                "{}: /admin is refused",
+                p.name
+            );
+        }
     }
     // Warm up every path (connections, pools, caches).
     load::closed_loop(backend, 4, 1);
@@ -373,6 +404,10 @@ fn main() {
     println!("| --- | --- | --- | --- | --- | --- |");
     let mut hs_rate = Vec::new();
     for p in &pairs {
+        if !p.proxy {
+            hs_rate.push(0.0);
+            continue;
+        }
         let ((r, e, g), cpu, wall) = measured(&p.server_procs, || {
             load::handshakes(client.clone(), "server", p.server, hs_threads, secs)
         });
@@ -472,6 +507,13 @@ fn main() {
                 1.2 * max_tp[n],
                 verdict(max_tp[t] >= 1.2 * max_tp[n])
             );
+            if let Some(f) = find("floor (TCP relay)") {
+                println!(
+                    "- for scale, the floor (plaintext TCP relay pair: no TLS, no HTTP) reaches {:.0} req/s = {:.2} × nginx",
+                    max_tp[f],
+                    max_tp[f] / max_tp[n]
+                );
+            }
         }
     }
     drop(keep_proxies);

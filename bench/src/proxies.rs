@@ -173,6 +173,16 @@ pub fn haproxy_server(listen: SocketAddr, backend: SocketAddr, certs: &Certs) ->
     c
 }
 
+/// The floor: HAProxy as a plain TCP relay on both sides (`mode tcp`, no TLS, no HTTP parsing, no log), chained
+/// `listen` → `next`. Each client connection gets its own upstream connection, so a keep-alive request crosses the
+/// same loopback sockets, with the same reads and writes, as through the proxy pairs. What it reaches bounds what
+/// any proxy pair can reach on this machine: all it does per request is the kernel's work plus a copy.
+pub fn haproxy_tcp_relay(listen: SocketAddr, next: SocketAddr) -> String {
+    format!(
+        "global\n    nbthread 1\n    maxconn 9000\ndefaults\n    mode tcp\n    timeout connect 5s\n    timeout client 600s\n    timeout server 600s\nfrontend relay\n    bind {listen}\n    default_backend next\nbackend next\n    server next {next}\n"
+    )
+}
+
 /// Starts `haproxy` in the foreground with `conf` (written to `dir/haproxy.cfg`) pinned to `cpu`; its request log
 /// (stdout) goes to `dir/access.log`.
 pub fn spawn_haproxy(dir: &Path, conf: &str, listen: SocketAddr, cpu: usize) -> Proxy {

@@ -8,6 +8,7 @@ use crate::config::{parse_duration, Config};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use serde_json::json;
 use trustline_identity::bundle::certs_to_pem;
+use trustline_identity::lifecycle::Shutdown;
 use trustline_proto::admin as pb;
 use trustline_proto::agent as apb;
 
@@ -421,24 +422,6 @@ async fn client(cli: &Cli) -> Result<pb::admin_client::AdminClient<tonic::transp
         path: path.display().to_string(),
         reason: std::error::Error::source(&e).map_or_else(|| e.to_string(), |s| s.to_string()),
     })
-}
-
-async fn shutdown_signal() {
-    let ctrl_c = tokio::signal::ctrl_c();
-    #[cfg(unix)]
-    {
-        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(t) => t,
-            Err(_) => {
-                let _ = ctrl_c.await;
-                return;
-            }
-        };
-        tokio::select! {
-            _ = ctrl_c => {}
-            _ = term.recv() => {}
-        }
-    }
 }
 
 async fn run(cli: Cli) -> Result<ExitCode, CliError> {
@@ -855,7 +838,9 @@ async fn entry(cli: &Cli, cmd: &EntryCmd) -> Result<ExitCode, CliError> {
 }
 
 async fn serve(cfg: crate::config::Validated) -> Result<(), CliError> {
-    let (running, join) = crate::server::start(cfg.clone(), shutdown_signal())
+    // SIGINT and SIGTERM are caught from here on, before the ready line.
+    let shutdown = Shutdown::install().map_err(|e| msg(format!("cannot install signal handlers: {e}")))?;
+    let (running, join) = crate::server::start(cfg.clone(), shutdown.wait())
         .await
         .map_err(|e| msg(e.to_string()))?;
     println!(
@@ -878,6 +863,10 @@ async fn serve(cfg: crate::config::Validated) -> Result<(), CliError> {
 const QUICKSTART_ID: &str = "spiffe://example.org/demo/web";
 
 async fn quickstart(dir: &Path, exit: bool, ca_only: bool) -> Result<(), CliError> {
+    // The handlers first: from here on a Ctrl-C (or SIGTERM) at any moment stops whatever has started, in order,
+    // instead of killing this process and orphaning the agent and sidecars.
+    let mut shutdown =
+        Shutdown::install().map_err(|e| msg(format!("cannot install signal handlers: {e}")))?;
     let ca_dir = dir.join("ca");
     std::fs::create_dir_all(&ca_dir).map_err(|e| msg(format!("{}: {e}", ca_dir.display())))?;
     let cfg_path = ca_dir.join("ca.toml");
@@ -910,6 +899,45 @@ async fn quickstart(dir: &Path, exit: bool, ca_only: bool) -> Result<(), CliErro
         println!("     health and metrics     : http://{h}/readyz  http://{h}/metrics");
     }
 
+    let mut mesh = crate::demo_mesh::DemoMesh::default();
+    let toured = tokio::select! {
+        r = tour(dir, &ca_dir, ca_only, &running, &mut mesh) => Some(r),
+        sig = shutdown.recv() => {
+            println!("\n{sig}: stopping what has started");
+            None
+        }
+    };
+    let result = match toured {
+        Some(Ok(())) if !exit => {
+            println!("\nServing until Ctrl-C. State lives in {}.", dir.display());
+            let sig = shutdown.recv().await;
+            println!("{sig}: stopping");
+            Ok(())
+        }
+        Some(r) => r,
+        None => Err(msg(
+            "interrupted while starting the local mesh; everything it started is stopped",
+        )),
+    };
+    // Stopped on every path (done, failed half-way, interrupted): nothing this command started outlives it.
+    mesh.stop().await;
+    let _ = stop_tx.send(());
+    join.await
+        .map_err(|e| msg(format!("CA task: {e}")))?
+        .map_err(|e| msg(e.to_string()))?;
+    println!("stopped");
+    result
+}
+
+/// The tour: a first SVID and JWT-SVID, the local mesh (into `mesh`, process by process) and three requests
+/// through it, then what to try next.
+async fn tour(
+    dir: &Path,
+    ca_dir: &Path,
+    ca_only: bool,
+    running: &crate::server::Running,
+    mesh: &mut crate::demo_mesh::DemoMesh,
+) -> Result<(), CliError> {
     // Mint a first X.509-SVID the way a workload would: our key, our CSR, the CA signs.
     let key = rcgen::KeyPair::generate().map_err(|e| msg(e.to_string()))?;
     let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).map_err(|e| msg(e.to_string()))?;
@@ -959,15 +987,12 @@ async fn quickstart(dir: &Path, exit: bool, ca_only: bool) -> Result<(), CliErro
         "[ok] minted JWT-SVID for audience \"demo\": {}…",
         &jwt.token[..jwt.token.len().min(40)]
     );
-    let mesh = if ca_only {
-        None
-    } else {
-        crate::demo_mesh::start(dir, &running.admin_socket, running.agent_addr, &bundle_path)
+    let meshed = !ca_only
+        && crate::demo_mesh::start(mesh, dir, &running.admin_socket, running.agent_addr, &bundle_path)
             .await
-            .map_err(msg)?
-    };
+            .map_err(msg)?;
     let mut last_trace = None;
-    if mesh.is_some() {
+    if meshed {
         println!("\nThree requests through the mesh (curl -> web sidecar -> api sidecar -> api app):");
         for (what, method, path) in [
             ("allowed by policy web-reads-api", "GET", "/api/hello"),
@@ -1003,7 +1028,7 @@ async fn quickstart(dir: &Path, exit: bool, ca_only: bool) -> Result<(), CliErro
         bundle_path.display(),
         svid_path.display()
     );
-    if let Some(m) = &mesh {
+    if meshed {
         println!(
             "  curl -s -H 'host: api' http://{}/api/hello        # through the sidecars",
             crate::demo_mesh::WEB_OUTBOUND
@@ -1020,7 +1045,7 @@ async fn quickstart(dir: &Path, exit: bool, ca_only: bool) -> Result<(), CliErro
             "  edit {}/mesh/policies/*/*.yaml                  # reloaded within a second",
             dir.display()
         );
-        let dirs: Vec<String> = m.audit_dirs.iter().map(|d| d.display().to_string()).collect();
+        let dirs: Vec<String> = mesh.audit_dirs.iter().map(|d| d.display().to_string()).collect();
         println!("\nAccountability logs (one per sidecar): {}", dirs.join("  "));
         let audit = crate::demo_mesh::command("audit");
         if let Some(t) = &last_trace {
@@ -1033,17 +1058,5 @@ async fn quickstart(dir: &Path, exit: bool, ca_only: bool) -> Result<(), CliErro
             dirs.join(" ")
         );
     }
-    if !exit {
-        println!("\nServing until Ctrl-C. State lives in {}.", dir.display());
-        shutdown_signal().await;
-    }
-    if let Some(m) = mesh {
-        m.stop().await;
-    }
-    let _ = stop_tx.send(());
-    join.await
-        .map_err(|e| msg(format!("CA task: {e}")))?
-        .map_err(|e| msg(e.to_string()))?;
-    println!("stopped");
     Ok(())
 }

@@ -19,7 +19,12 @@ use std::time::Duration;
 use crate::admin_api;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::process::{Child, Command};
+use trustline_identity::lifecycle::PARENT_PID_ENV;
 use trustline_proto::admin as pb;
+
+/// How long a process of the mesh gets to print its ready line: generous, since a busy machine is slow to start
+/// a debug build, and a process that fails says so and exits well before this.
+const READY_TIMEOUT: Duration = Duration::from_secs(90);
 
 /// The fixed address of web's outbound listener, for the tour (`curl -H 'host: api' http://127.0.0.1:15001/...`).
 pub const WEB_OUTBOUND: &str = "127.0.0.1:15001";
@@ -67,7 +72,9 @@ fn launcher(tool: &str) -> Option<(std::path::PathBuf, Vec<String>)> {
     p.exists().then_some((p, Vec::new()))
 }
 
-/// The running mesh; [`stop`](Self::stop) ends its processes.
+/// The mesh's processes, as far as they have started; [`stop`](Self::stop) ends them. [`start`] adds each process
+/// as soon as it is spawned, so a mesh interrupted half-way (Ctrl-C during startup) still stops everything.
+#[derive(Default)]
 pub struct DemoMesh {
     children: Vec<(String, Child)>,
     /// The sidecars' accountability logs.
@@ -99,12 +106,19 @@ async fn spawn(
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(logf)
+        // Its own process group: a Ctrl-C in the terminal reaches only `up`, which stops its children in order
+        // (sidecars first, then the agent) instead of all of them dying at once mid-start.
+        .process_group(0)
+        // The child asks the kernel for SIGTERM when this process dies (identity::lifecycle::exit_with_parent),
+        // so a `kill -9` of `up` leaves nothing behind. The kernel ties that to the thread that forks: `up`
+        // spawns from the thread that runs its main future, which lives as long as the process.
+        .env(PARENT_PID_ENV, std::process::id().to_string())
         .kill_on_drop(true)
         .spawn()
         .map_err(|e| err(&format!("start {}", exe.display()), e))?;
     let stdout = child.stdout.take().ok_or_else(|| err(name, "no stdout"))?;
     let mut lines = BufReader::new(stdout).lines();
-    let line = tokio::time::timeout(Duration::from_secs(30), async {
+    let line = tokio::time::timeout(READY_TIMEOUT, async {
         while let Ok(Some(l)) = lines.next_line().await {
             if l.starts_with(ready) {
                 return Some(l);
@@ -126,7 +140,10 @@ async fn spawn(
             name,
             format!(
                 "did not start ({}): {} (full log: {})",
-                status.map_or("no ready line within 30 s".to_owned(), |s| s.to_string()),
+                status.map_or(
+                    format!("no ready line within {} s", READY_TIMEOUT.as_secs()),
+                    |s| s.to_string()
+                ),
                 if why.is_empty() { "no output" } else { &why },
                 log.display()
             ),
@@ -222,13 +239,15 @@ struct SidecarSpec<'a> {
     policies: &'a [(&'a str, &'a str)],
 }
 
-/// Starts the agent, the apps and the three sidecars. `Ok(None)` when the agent or sidecar binary is not built.
+/// Starts the agent, the apps and the three sidecars into `m`. `Ok(false)` when the agent or sidecar binary is not
+/// built.
 pub async fn start(
+    m: &mut DemoMesh,
     dir: &Path,
     admin_socket: &Path,
     agent_addr: SocketAddr,
     bundle_pem: &Path,
-) -> Result<Option<DemoMesh>, String> {
+) -> Result<bool, String> {
     let (Some((agent_bin, agent_pre)), Some((sidecar_bin, sidecar_pre))) =
         (launcher("agent"), launcher("sidecar"))
     else {
@@ -237,7 +256,7 @@ pub async fn start(
              (run `cargo run --release -- up` from the repository, or build everything with\n     \
              cargo build --release --workspace --bins)"
         );
-        return Ok(None);
+        return Ok(false);
     };
     let mesh = dir.join("mesh");
     let logs = mesh.join("logs");
@@ -292,10 +311,7 @@ pub async fn start(
         .map(str::trim)
         .ok_or_else(|| err("identity agent", "no Workload API socket in its ready line"))?
         .to_owned();
-    let mut m = DemoMesh {
-        children: vec![("identity agent".to_owned(), agent)],
-        audit_dirs: Vec::new(),
-    };
+    m.children.push(("identity agent".to_owned(), agent));
     println!("[ok] identity agent attested as {NODE}; Workload API at {socket}");
 
     let existing = c
@@ -368,7 +384,7 @@ pub async fn start(
         mesh.display(),
         logs.display()
     );
-    Ok(Some(m))
+    Ok(true)
 }
 
 /// The first address after `key` in a sidecar's ready line.
@@ -486,23 +502,24 @@ impl DemoMesh {
         Ok(line)
     }
 
-    /// SIGTERM to every process (they drain), then wait.
-    pub async fn stop(mut self) {
+    /// SIGTERM to every process, newest first (they drain), then wait; a process still running after 20 s is
+    /// killed.
+    pub async fn stop(&mut self) {
         for (_, c) in self.children.iter_mut().rev() {
-            if let Some(pid) = c.id() {
-                let _ = Command::new("kill")
-                    .arg("-TERM")
-                    .arg(pid.to_string())
-                    .status()
-                    .await;
+            if let Some(pid) = c.id().and_then(|p| i32::try_from(p).ok()) {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(pid),
+                    nix::sys::signal::Signal::SIGTERM,
+                );
             }
         }
-        for (name, c) in &mut self.children {
+        for (name, mut c) in self.children.drain(..) {
             if tokio::time::timeout(Duration::from_secs(20), c.wait())
                 .await
                 .is_err()
             {
                 let _ = c.start_kill();
+                let _ = c.wait().await;
                 eprintln!("{name} did not stop in time; killed");
             }
         }

@@ -21,7 +21,7 @@ impl Swtpm {
         })?;
         for _ in 0..20 {
             let port = free_port_pair()?;
-            if let Some(child) = spawn_swtpm(dir, port, 100)? {
+            if let Some(child) = spawn_swtpm(dir, port)? {
                 return Ok(Self {
                     child,
                     dir: dir.to_owned(),
@@ -47,10 +47,12 @@ impl Swtpm {
     pub fn restart(&mut self) -> Result<(), HsmError> {
         self.kill();
         for _ in 0..100 {
-            if let Some(child) = spawn_swtpm(&self.dir, self.port, 40)? {
+            if let Some(child) = spawn_swtpm(&self.dir, self.port)? {
                 self.child = child;
                 return Ok(());
             }
+            // The port may still be held by the killed process's sockets for a moment.
+            std::thread::sleep(std::time::Duration::from_millis(100));
         }
         Err(HsmError::Tpm(format!(
             "swtpm did not restart on port {}",
@@ -59,13 +61,10 @@ impl Swtpm {
     }
 }
 
-/// Spawns swtpm on `port` (and `port + 1` for control) and waits up to `tries` × 50 ms for it to answer; `None`
-/// when it exited (a port taken or still in TIME_WAIT) or never answered.
-fn spawn_swtpm(
-    dir: &std::path::Path,
-    port: u16,
-    tries: u32,
-) -> Result<Option<std::process::Child>, HsmError> {
+/// Spawns swtpm on `port` (and `port + 1` for control) and waits until it answers; `None` when it exited (a port
+/// taken or still in TIME_WAIT) or did not answer within a minute (generous: a busy machine starts it slowly, and
+/// one that exits says so at once).
+fn spawn_swtpm(dir: &std::path::Path, port: u16) -> Result<Option<std::process::Child>, HsmError> {
     let mut child = std::process::Command::new("swtpm")
         .args(["socket", "--tpm2", "--flags", "startup-clear"])
         .arg("--server")
@@ -81,14 +80,15 @@ fn spawn_swtpm(
             path: "swtpm".into(),
             source,
         })?;
-    for _ in 0..tries {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while std::time::Instant::now() < deadline {
         if let Ok(Some(_)) = child.try_wait() {
             return Ok(None);
         }
         if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
             return Ok(Some(child));
         }
-        std::thread::sleep(std::time::Duration::from_millis(50));
+        std::thread::sleep(std::time::Duration::from_millis(20));
     }
     let _ = child.kill();
     let _ = child.wait();

@@ -6,6 +6,7 @@ use std::process::ExitCode;
 use crate::config::Config;
 use clap::{Parser, Subcommand};
 use trustline_identity::bundle::certs_to_pem;
+use trustline_identity::lifecycle::{exit_with_parent, Shutdown};
 use trustline_proto::workload as pb;
 
 /// The Trustline identity agent.
@@ -137,17 +138,6 @@ where
     }
 }
 
-async fn shutdown_signal() {
-    let Ok(mut term) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) else {
-        let _ = tokio::signal::ctrl_c().await;
-        return;
-    };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
-    }
-}
-
 fn socket_path(s: &str) -> PathBuf {
     PathBuf::from(
         s.strip_prefix("unix://")
@@ -257,6 +247,10 @@ async fn http_get(socket: &Path, path: &str) -> Result<(u16, String), String> {
 async fn run(cli: Cli) -> Result<ExitCode, String> {
     match cli.command {
         Command::Run { config, join_token } => {
+            // Started by `trustline up`: stop when it does, even if it is killed with SIGKILL.
+            exit_with_parent().map_err(|e| e.to_string())?;
+            // SIGINT and SIGTERM are caught from here on, before the ready line.
+            let shutdown = Shutdown::install().map_err(|e| format!("cannot install signal handlers: {e}"))?;
             let cfg = Config::load(&config).map_err(|e| e.to_string())?;
             let filter = tracing_subscriber::EnvFilter::try_from_env("TRUSTLINE_LOG")
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
@@ -264,7 +258,7 @@ async fn run(cli: Cli) -> Result<ExitCode, String> {
                 .with_env_filter(filter)
                 .with_writer(std::io::stderr)
                 .try_init();
-            crate::server::run(cfg, join_token, shutdown_signal(), |agent, cfg| {
+            crate::server::run(cfg, join_token, shutdown.wait(), |agent, cfg| {
                 let id = agent.identity().map(|i| i.0).unwrap_or_default();
                 println!(
                     "trustline-agent ready: agent ID {id}, Workload API socket {}, HTTP API socket {}",

@@ -73,6 +73,10 @@ pub async fn run(
                     path: addr.to_string().into(),
                     reason: e.to_string(),
                 })?;
+            // The bound address (port 0 in the config picks a free one).
+            if let Ok(bound) = l.local_addr() {
+                tracing::info!("HTTP API listening on http://{bound}");
+            }
             let a = agent.clone();
             let stop = stopped();
             Some(tokio::spawn(async move {
@@ -89,6 +93,9 @@ pub async fn run(
                     path: addr.to_string().into(),
                     reason: e.to_string(),
                 })?;
+            if let Ok(bound) = l.local_addr() {
+                tracing::info!("health and metrics listening on http://{bound}");
+            }
             let a = agent.clone();
             let stop = stopped();
             Some(tokio::spawn(async move {

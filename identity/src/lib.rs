@@ -18,6 +18,7 @@ pub use selector::{selector_set_key, Selector, SelectorError};
 pub mod bundle;
 pub mod devid;
 pub mod jwt;
+pub mod lifecycle;
 #[doc(hidden)]
 pub mod mutate;
 pub mod pgtls;

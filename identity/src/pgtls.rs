@@ -118,8 +118,58 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for PgTlsStream<S> {
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin> TlsStream for PgTlsStream<S> {
+    /// SCRAM channel binding (`SCRAM-SHA-256-PLUS`, `channel_binding=prefer|require` in the conninfo):
+    /// `tls-server-end-point`, the hash of the certificate the server presented on this connection, so the
+    /// password exchange cannot be relayed through a server with another certificate.
     fn channel_binding(&self) -> ChannelBinding {
-        // SCRAM channel binding is not offered; the server is authenticated by its certificate.
-        ChannelBinding::none()
+        self.0
+            .get_ref()
+            .1
+            .peer_certificates()
+            .and_then(|certs| certs.first())
+            .and_then(|leaf| server_end_point(leaf))
+            .map_or_else(ChannelBinding::none, ChannelBinding::tls_server_end_point)
+    }
+}
+
+/// RFC 5929 `tls-server-end-point`: the server certificate hashed with its signature's hash (SHA-256 for MD5,
+/// SHA-1 and SHA-256). `None` where RFC 5929 defines no hash (EdDSA), as PostgreSQL itself has none to offer.
+fn server_end_point(der: &[u8]) -> Option<Vec<u8>> {
+    let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
+    let alg = match cert.signature_algorithm.algorithm.to_id_string().as_str() {
+        // ecdsa-with-SHA384, sha384WithRSAEncryption
+        "1.2.840.10045.4.3.3" | "1.2.840.113549.1.1.12" => &aws_lc_rs::digest::SHA384,
+        // ecdsa-with-SHA512, sha512WithRSAEncryption
+        "1.2.840.10045.4.3.4" | "1.2.840.113549.1.1.13" => &aws_lc_rs::digest::SHA512,
+        // Ed25519, Ed448
+        "1.3.101.112" | "1.3.101.113" => return None,
+        _ => &aws_lc_rs::digest::SHA256,
+    };
+    Some(aws_lc_rs::digest::digest(alg, der).as_ref().to_vec())
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn the_end_point_hash_follows_the_certificate_signature() {
+        let cert = |alg: &'static rcgen::SignatureAlgorithm| {
+            let key = rcgen::KeyPair::generate_for(alg).unwrap();
+            rcgen::CertificateParams::new(vec!["db".into()])
+                .unwrap()
+                .self_signed(&key)
+                .unwrap()
+        };
+        for (alg, len) in [
+            (&rcgen::PKCS_ECDSA_P256_SHA256, 32),
+            (&rcgen::PKCS_ECDSA_P384_SHA384, 48),
+        ] {
+            let h = server_end_point(cert(alg).der()).unwrap();
+            assert_eq!(h.len(), len);
+        }
+        assert_eq!(server_end_point(cert(&rcgen::PKCS_ED25519).der()), None);
+        assert_eq!(server_end_point(b"not a certificate"), None);
     }
 }

@@ -12,6 +12,17 @@
 //! digest(h) = base64url(SHA-256(hops h joined by ",")); "" for the first hop
 //! ```
 //!
+//! Hops that one sidecar signs at the same moment (the requests of one turn of its event loop) share one
+//! signature: a batch of n > 1 hops is a Merkle tree (RFC 6962 hashing: leaf = SHA-256(0x00 || "trustline-chain-v1."
+//! || payload part), node = SHA-256(0x01 || left || right), an unpaired last node moves up a level unchanged), the
+//! signature is over "trustline-chain-batch-v1." || root, and each hop carries a fourth part, its inclusion proof:
+//!
+//! ```text
+//! proof     = index (2 bytes, big-endian) || batch size (2 bytes) || sibling hashes, leaf level first (32 bytes each)
+//! ```
+//!
+//! A batch of one is an ordinary three-part hop.
+//!
 //! The inbound sidecar verifies every hop against the trust bundle, that indexes run 0.., that each hop's `prev`
 //! is the digest of the hops before it and its caller was the previous hop's callee, that no hop is older than
 //! the allowed age, and that the last hop comes from the very peer of the mTLS connection and names this
@@ -22,17 +33,22 @@
 //! for the services further down the chain, which check it as one of their earlier hops). With
 //! [`Limits::verify_peer_signature`] it is checked too.
 
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64;
 use base64::Engine as _;
 use serde::{Deserialize, Serialize};
+use tokio::sync::oneshot;
 use trustline_identity::tls::{RotatingCert, SvidSignature, TrustBundle};
 
 /// The header carrying the chain.
 pub const HEADER: &str = "trustline-caller-chain";
 const DOMAIN: &[u8] = b"trustline-chain-v1.";
+/// What a batch signature covers: this, then the Merkle root of the batch.
+const BATCH_DOMAIN: &[u8] = b"trustline-chain-batch-v1.";
+/// Most hops under one signature (a proof is then at most 8 hashes).
+pub const MAX_BATCH: usize = 256;
 
 /// Bounds and freshness.
 #[derive(Debug, Clone, Copy)]
@@ -192,13 +208,21 @@ struct Parts<'a> {
     payload_b64: &'a str,
     chain_b64: &'a str,
     signature_b64: &'a str,
+    /// The inclusion proof of a hop signed in a batch.
+    proof_b64: Option<&'a str>,
 }
 
 fn parse_hop(i: usize, text: &str) -> Result<Parts<'_>, ChainError> {
     let bad = |reason: String| ChainError::Malformed { hop: i, reason };
     let mut parts = text.split('.');
-    let (Some(p), Some(c), Some(s), None) = (parts.next(), parts.next(), parts.next(), parts.next()) else {
-        return Err(bad("expected payload.chain.signature".into()));
+    let (Some(p), Some(c), Some(s), proof, None) = (
+        parts.next(),
+        parts.next(),
+        parts.next(),
+        parts.next(),
+        parts.next(),
+    ) else {
+        return Err(bad("expected payload.chain.signature[.proof]".into()));
     };
     let payload = B64.decode(p).map_err(|e| bad(format!("payload: {e}")))?;
     let hop: Hop = serde_json::from_slice(&payload).map_err(|e| bad(format!("payload: {e}")))?;
@@ -207,6 +231,7 @@ fn parse_hop(i: usize, text: &str) -> Result<Parts<'_>, ChainError> {
         payload_b64: p,
         chain_b64: c,
         signature_b64: s,
+        proof_b64: proof,
     })
 }
 
@@ -307,8 +332,17 @@ pub fn verify(
         // must be the peer); its signature is for the services further down the chain.
         if i != last_i || limits.verify_peer_signature {
             let sig = parse_signature(i, &parts)?;
-            let mut msg = DOMAIN.to_vec();
-            msg.extend_from_slice(parts.payload_b64.as_bytes());
+            let msg = match parts.proof_b64 {
+                None => [DOMAIN, parts.payload_b64.as_bytes()].concat(),
+                Some(proof) => {
+                    let root =
+                        batch_root(parts.payload_b64, proof).map_err(|reason| ChainError::Malformed {
+                            hop: i,
+                            reason: format!("batch proof: {reason}"),
+                        })?;
+                    [BATCH_DOMAIN, &root[..]].concat()
+                }
+            };
             let at = rustls_pki_types::UnixTime::since_unix_epoch(Duration::from_millis(hop.t.max(0) as u64));
             let signer = bundle
                 .verify_signature(&sig, &msg, at)
@@ -361,34 +395,280 @@ pub struct NewHop<'a> {
     pub path: &'a str,
 }
 
-/// Appends a signed hop to `existing` (the chain the app propagated, if any) and returns the new header value.
-pub fn append(existing: Option<&str>, hop: &NewHop<'_>, key: &RotatingCert) -> Result<String, String> {
+/// The payload part of a new hop after `existing` (trimmed, `None` when empty).
+fn payload_part<'e>(
+    existing: Option<&'e str>,
+    hop: &NewHop<'_>,
+) -> Result<(Option<&'e str>, String), String> {
     let existing = existing.map(str::trim).filter(|e| !e.is_empty());
     let index = existing.map_or(0, |e| e.split(',').count());
-    let payload = Hop {
+    // `Hop`'s fields, borrowed (the same JSON without copying every string first).
+    #[derive(Serialize)]
+    struct HopRef<'a> {
+        v: u8,
+        tid: &'a str,
+        i: usize,
+        from: &'a str,
+        to: &'a [String],
+        m: &'a str,
+        a: &'a str,
+        p: &'a str,
+        t: i64,
+        d: &'a str,
+        prev: String,
+    }
+    let payload = HopRef {
         v: 1,
-        tid: hop.tid.to_owned(),
+        tid: hop.tid,
         i: index,
-        from: hop.from.to_owned(),
-        to: hop.to.to_vec(),
-        m: hop.method.to_owned(),
-        a: hop.authority.to_owned(),
-        p: hop.path.to_owned(),
+        from: hop.from,
+        to: hop.to,
+        m: hop.method,
+        a: hop.authority,
+        p: hop.path,
         t: now_ms(),
-        d: "allow".into(),
+        d: "allow",
         prev: digest(existing.unwrap_or("")),
     };
     let p = B64.encode(serde_json::to_vec(&payload).map_err(|e| e.to_string())?);
-    let mut msg = DOMAIN.to_vec();
-    msg.extend_from_slice(p.as_bytes());
-    let sig = key.sign(&msg).ok_or("no SVID yet")?.map_err(|e| e.to_string())?;
+    Ok((existing, p))
+}
+
+fn joined(existing: Option<&str>, hop: String) -> String {
+    match existing {
+        Some(e) => format!("{e},{hop}"),
+        None => hop,
+    }
+}
+
+/// Appends a hop, signed on its own, to `existing` (the chain the app propagated, if any) and returns the new
+/// header value.
+pub fn append(existing: Option<&str>, hop: &NewHop<'_>, key: &RotatingCert) -> Result<String, String> {
+    let (existing, p) = payload_part(existing, hop)?;
+    let (chain, sig) = sign(key, &[DOMAIN, p.as_bytes()].concat())?;
+    Ok(joined(existing, format!("{p}.{chain}.{sig}")))
+}
+
+/// Signs `msg` with the SVID key: the hop's chain and signature parts (base64url).
+fn sign(key: &RotatingCert, msg: &[u8]) -> Result<(String, String), String> {
+    let sig = key.sign(msg).ok_or("no SVID yet")?.map_err(|e| e.to_string())?;
     let mut s = sig.scheme.to_be_bytes().to_vec();
     s.extend_from_slice(&sig.signature);
-    let text = format!("{p}.{}.{}", B64.encode(sig.chain.concat()), B64.encode(s));
-    Ok(match existing {
-        Some(e) => format!("{e},{text}"),
-        None => text,
-    })
+    Ok((B64.encode(sig.chain.concat()), B64.encode(s)))
+}
+
+type Digest = [u8; 32];
+
+fn sha256(parts: &[&[u8]]) -> Digest {
+    let mut ctx = aws_lc_rs::digest::Context::new(&aws_lc_rs::digest::SHA256);
+    for p in parts {
+        ctx.update(p);
+    }
+    let mut out = [0u8; 32];
+    out.copy_from_slice(ctx.finish().as_ref());
+    out
+}
+
+fn leaf_hash(payload_b64: &str) -> Digest {
+    sha256(&[&[0], DOMAIN, payload_b64.as_bytes()])
+}
+
+fn node_hash(left: &Digest, right: &Digest) -> Digest {
+    sha256(&[&[1], left, right])
+}
+
+/// The Merkle tree over `leaves`, level by level (leaves first, the root alone last); an unpaired last node
+/// moves up unchanged, which gives RFC 6962's tree shape.
+fn merkle_levels(leaves: Vec<Digest>) -> Vec<Vec<Digest>> {
+    let mut levels = vec![leaves];
+    while let Some(level) = levels.last().filter(|l| l.len() > 1) {
+        let up = level
+            .chunks(2)
+            .filter_map(|pair| match pair {
+                [l, r] => Some(node_hash(l, r)),
+                [one] => Some(*one),
+                _ => None,
+            })
+            .collect();
+        levels.push(up);
+    }
+    levels
+}
+
+/// The inclusion proof of leaf `index`: index, size, then the sibling at each level where there is one.
+fn inclusion_proof(levels: &[Vec<Digest>], index: usize) -> Vec<u8> {
+    let size = levels.first().map_or(0, Vec::len);
+    let mut out = Vec::with_capacity(4 + 32 * levels.len());
+    out.extend_from_slice(&(index as u16).to_be_bytes());
+    out.extend_from_slice(&(size as u16).to_be_bytes());
+    let mut i = index;
+    for level in &levels[..levels.len().saturating_sub(1)] {
+        if let Some(sibling) = level.get(i ^ 1) {
+            out.extend_from_slice(sibling);
+        }
+        i /= 2;
+    }
+    out
+}
+
+/// The root a batched hop's proof leads to from its payload part.
+fn batch_root(payload_b64: &str, proof_b64: &str) -> Result<Digest, String> {
+    let proof = B64.decode(proof_b64).map_err(|e| e.to_string())?;
+    if proof.len() < 4 || (proof.len() - 4) % 32 != 0 {
+        return Err(format!("{} bytes, expected 4 + a multiple of 32", proof.len()));
+    }
+    let index = usize::from(u16::from_be_bytes([proof[0], proof[1]]));
+    let size = usize::from(u16::from_be_bytes([proof[2], proof[3]]));
+    if !(2..=MAX_BATCH).contains(&size) || index >= size {
+        return Err(format!("index {index} in a batch of {size}"));
+    }
+    let mut path = proof[4..].chunks_exact(32).map(|c| {
+        let mut d = [0u8; 32];
+        d.copy_from_slice(c);
+        d
+    });
+    let (mut i, mut n, mut h) = (index, size, leaf_hash(payload_b64));
+    while n > 1 {
+        if i % 2 == 1 {
+            h = node_hash(&path.next().ok_or("too few hashes")?, &h);
+        } else if i + 1 < n {
+            h = node_hash(&h, &path.next().ok_or("too few hashes")?);
+        }
+        i /= 2;
+        n = n.div_ceil(2);
+    }
+    if path.next().is_some() {
+        return Err("too many hashes".into());
+    }
+    Ok(h)
+}
+
+/// Signs the hops this sidecar adds, one signature per batch of hops made at the same time.
+///
+/// A hop waits for the end of the event loop's current turn: every request that became ready in that turn adds
+/// its hop first, then one task signs them all (one ECDSA signature instead of one per request). A quiet
+/// sidecar signs batches of one, which are ordinary hops.
+pub struct HopSigner {
+    key: Arc<RotatingCert>,
+    batch: bool,
+    pending: Arc<Mutex<Pending>>,
+}
+
+type Signed = Result<String, String>;
+
+#[derive(Default)]
+struct Pending {
+    hops: Vec<(String, oneshot::Sender<Signed>)>,
+    scheduled: bool,
+}
+
+impl std::fmt::Debug for HopSigner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HopSigner")
+            .field("batch", &self.batch)
+            .finish_non_exhaustive()
+    }
+}
+
+impl HopSigner {
+    /// Signs with `key`; `batch = false` signs every hop on its own (`chain.batch_signatures`).
+    pub fn new(key: Arc<RotatingCert>, batch: bool) -> Self {
+        Self {
+            key,
+            batch,
+            pending: Arc::default(),
+        }
+    }
+
+    /// Appends our signed hop to `existing` (the chain the app propagated, if any) and returns the new header
+    /// value. Batching needs a tokio runtime.
+    pub async fn append(&self, existing: Option<&str>, hop: &NewHop<'_>) -> Result<String, String> {
+        if !self.batch {
+            return append(existing, hop, &self.key);
+        }
+        let (existing, p) = payload_part(existing, hop)?;
+        let (tx, rx) = oneshot::channel();
+        let start = {
+            let mut g = self.pending.lock().unwrap_or_else(|p| p.into_inner());
+            g.hops.push((p, tx));
+            !std::mem::replace(&mut g.scheduled, true)
+        };
+        if start {
+            let (pending, key) = (self.pending.clone(), self.key.clone());
+            // A new task runs after the tasks already ready on a current-thread runtime (the one-worker
+            // sidecar); a multi-thread runtime may run it next, so there it first goes to the back of the line.
+            let yields = tokio::runtime::Handle::current().runtime_flavor()
+                != tokio::runtime::RuntimeFlavor::CurrentThread;
+            let mut guard = Unfinished(Some(pending));
+            tokio::spawn(async move {
+                if yields {
+                    tokio::task::yield_now().await;
+                }
+                if let Some(pending) = &guard.0 {
+                    sign_pending(pending, &key);
+                }
+                // Signed: nothing for the guard to undo.
+                drop(guard.0.take());
+            });
+        }
+        let text = rx.await.map_err(|_| "the hop signer stopped".to_owned())??;
+        Ok(joined(existing, text))
+    }
+}
+
+/// Held by the signing task until it has signed: if the task is dropped first (the runtime shutting down) or
+/// panics, the waiting hops get an error instead of waiting for ever, and the next hop starts a new task.
+struct Unfinished(Option<Arc<Mutex<Pending>>>);
+
+impl Drop for Unfinished {
+    fn drop(&mut self) {
+        if let Some(pending) = self.0.take() {
+            let mut g = pending.lock().unwrap_or_else(|p| p.into_inner());
+            g.hops.clear();
+            g.scheduled = false;
+        }
+    }
+}
+
+/// Signs everything pending, `MAX_BATCH` hops per signature.
+fn sign_pending(pending: &Mutex<Pending>, key: &RotatingCert) {
+    loop {
+        let batch: Vec<_> = {
+            let mut g = pending.lock().unwrap_or_else(|p| p.into_inner());
+            if g.hops.is_empty() {
+                g.scheduled = false;
+                return;
+            }
+            let n = g.hops.len().min(MAX_BATCH);
+            g.hops.drain(..n).collect()
+        };
+        sign_batch(batch, key);
+    }
+}
+
+fn sign_batch(batch: Vec<(String, oneshot::Sender<Signed>)>, key: &RotatingCert) {
+    let levels = (batch.len() > 1).then(|| merkle_levels(batch.iter().map(|(p, _)| leaf_hash(p)).collect()));
+    let msg = match levels
+        .as_ref()
+        .and_then(|l| l.last())
+        .and_then(|root| root.first())
+    {
+        Some(root) => [BATCH_DOMAIN, &root[..]].concat(),
+        None => [DOMAIN, batch[0].0.as_bytes()].concat(),
+    };
+    let signed = sign(key, &msg);
+    for (i, (p, tx)) in batch.into_iter().enumerate() {
+        let text = match (&signed, &levels) {
+            (Err(e), _) => Err(e.clone()),
+            (Ok((chain, sig)), None) => Ok(format!("{p}.{chain}.{sig}")),
+            (Ok((chain, sig)), Some(levels)) => Ok(format!(
+                "{p}.{chain}.{sig}.{}",
+                B64.encode(inclusion_proof(levels, i))
+            )),
+        };
+        // The request may have gone meanwhile.
+        let _ = tx.send(text);
+    }
 }
 
 /// The callers named by a chain we built ourselves (no verification: for our own records).
@@ -405,13 +685,16 @@ pub fn callers_unverified(value: &str) -> Vec<String> {
 /// Trace ids of chains this sidecar received recently, so an outbound request of the same trace without a
 /// chain is known to be a restart (the app did not propagate the header).
 ///
-/// Two generations of ids, swapped every 30 s (or when the current one holds 100,000 ids): memory is bounded
-/// and every operation is O(1); an id is remembered for 30 to 60 s.
+/// Only ids of chains that verified are stored ([`saw`](Self::saw) is called after [`verify`]), each as 16 bytes
+/// whatever the peer sent (a W3C trace id as its value, anything else by its SHA-256), in two generations swapped
+/// every 30 s or when the current one holds [`CAP`](Self::CAP) ids: a peer sending a flood of distinct trace ids
+/// with valid chains moves the window faster, but the tracker never holds more than about 2 MiB, and every
+/// operation is O(1); an id is remembered for up to 60 s.
 #[derive(Debug)]
 pub struct Recent {
     gens: Mutex<(
-        std::collections::HashSet<String>,
-        std::collections::HashSet<String>,
+        std::collections::HashSet<u128>,
+        std::collections::HashSet<u128>,
         Instant,
     )>,
 }
@@ -426,25 +709,49 @@ impl Default for Recent {
 
 impl Recent {
     const PERIOD: Duration = Duration::from_secs(30);
-    const CAP: usize = 100_000;
+    /// Ids per generation (two generations of 16-byte keys, with the hash table's overhead: about 2 MiB).
+    pub const CAP: usize = 32_768;
 
-    /// Remembers `tid`.
+    fn key(tid: &str) -> u128 {
+        if tid.len() == 32 {
+            if let Ok(v) = u128::from_str_radix(tid, 16) {
+                return v;
+            }
+        }
+        let d = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, tid.as_bytes());
+        let mut k = [0u8; 16];
+        k.copy_from_slice(&d.as_ref()[..16]);
+        u128::from_be_bytes(k)
+    }
+
+    /// Remembers `tid` (of a chain that verified).
     pub fn saw(&self, tid: &str) {
+        let key = Self::key(tid);
         let mut g = self.gens.lock().unwrap_or_else(|p| p.into_inner());
         if g.2.elapsed() >= Self::PERIOD || g.0.len() >= Self::CAP {
             let current = std::mem::take(&mut g.0);
             g.1 = current;
             g.2 = Instant::now();
         }
-        if !g.0.contains(tid) {
-            g.0.insert(tid.to_owned());
-        }
+        g.0.insert(key);
     }
 
     /// Whether `tid` arrived with a chain recently.
     pub fn seen(&self, tid: &str) -> bool {
+        let key = Self::key(tid);
         let g = self.gens.lock().unwrap_or_else(|p| p.into_inner());
-        g.0.contains(tid) || (g.2.elapsed() < Self::PERIOD * 2 && g.1.contains(tid))
+        g.0.contains(&key) || (g.2.elapsed() < Self::PERIOD * 2 && g.1.contains(&key))
+    }
+
+    /// How many ids are held (both generations).
+    pub fn len(&self) -> usize {
+        let g = self.gens.lock().unwrap_or_else(|p| p.into_inner());
+        g.0.len() + g.1.len()
+    }
+
+    /// Whether none is held.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
     }
 }
 
@@ -594,5 +901,179 @@ mod tests {
             verify("x.y.z", &t.bundle, A, B, &lim).unwrap_err().label(),
             "malformed"
         );
+    }
+
+    #[test]
+    fn a_new_hop_says_who_called_whom_with_what() {
+        let t = td();
+        let to = vec![B.to_owned(), C.to_owned()];
+        let first = append(None, &hop(A, &to), &svid(&t, A)).unwrap();
+        let text = append(Some(&first), &hop(B, &to), &svid(&t, B)).unwrap();
+        let p = text.rsplit(',').next().unwrap().split('.').next().unwrap();
+        let h: Hop = serde_json::from_slice(&B64.decode(p).unwrap()).unwrap();
+        assert_eq!(
+            (h.v, h.tid.as_str(), h.i, h.from.as_str(), &h.to[..]),
+            (1, TID, 1, B, &to[..])
+        );
+        assert_eq!(
+            (h.m.as_str(), h.a.as_str(), h.p.as_str(), h.d.as_str()),
+            ("GET", "svc", "/x", "allow")
+        );
+        assert_eq!(h.prev, digest(&first));
+        assert!((now_ms() - h.t).abs() < 10_000);
+    }
+
+    #[test]
+    fn a_signing_task_that_never_ran_does_not_hold_up_later_hops() {
+        let t = td();
+        let signer = Arc::new(HopSigner::new(svid(&t, A), true));
+        let to = vec![B.to_owned()];
+        // An append polled once: its hop is pending and its signing task queued; then the runtime goes away
+        // before that task runs (a sidecar shutting down).
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        {
+            let _in = rt.enter();
+            let h = hop(A, &to);
+            let mut f = std::pin::pin!(signer.append(None, &h));
+            let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+            assert!(std::future::Future::poll(f.as_mut(), &mut cx).is_pending());
+        }
+        drop(rt);
+        // A later hop is signed all the same.
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let text = rt.block_on(async {
+            tokio::time::timeout(Duration::from_secs(5), signer.append(None, &hop(A, &to)))
+                .await
+                .expect("signed, not stuck behind the task that never ran")
+                .unwrap()
+        });
+        verify(&text, &t.bundle, A, B, &Limits::default()).unwrap();
+    }
+
+    #[test]
+    fn batch_proofs_lead_to_the_root_and_nothing_else() {
+        for n in (2..=17).chain([64, MAX_BATCH]) {
+            let payloads: Vec<String> = (0..n).map(|i| format!("payload-{i}")).collect();
+            let levels = merkle_levels(payloads.iter().map(|p| leaf_hash(p)).collect());
+            let root = levels.last().unwrap()[0];
+            for (i, p) in payloads.iter().enumerate() {
+                let proof = inclusion_proof(&levels, i);
+                assert_eq!(batch_root(p, &B64.encode(&proof)).unwrap(), root, "n={n} i={i}");
+                // Another hop's payload, another index, a cut or a longer proof do not lead there.
+                let other = &payloads[(i + 1) % n];
+                assert_ne!(batch_root(other, &B64.encode(&proof)).unwrap(), root);
+                let mut moved = proof.clone();
+                moved[..2].copy_from_slice(&(((i + 1) % n) as u16).to_be_bytes());
+                assert!(batch_root(p, &B64.encode(&moved)) != Ok(root));
+                assert!(batch_root(p, &B64.encode(&proof[..proof.len() - 32])).is_err());
+                let mut longer = proof.clone();
+                longer.extend_from_slice(&[0; 32]);
+                assert!(batch_root(p, &B64.encode(&longer)).is_err());
+            }
+        }
+        // A batch is 2..=MAX_BATCH hops and the index is inside it.
+        for (index, size) in [(0u16, 1u16), (2, 2), (0, MAX_BATCH as u16 + 1)] {
+            let mut proof = index.to_be_bytes().to_vec();
+            proof.extend_from_slice(&size.to_be_bytes());
+            proof.extend_from_slice(&[0; 32]);
+            assert!(batch_root("p", &B64.encode(&proof)).is_err());
+        }
+        assert!(batch_root("p", "!").is_err());
+        assert!(batch_root("p", &B64.encode([0u8; 3])).is_err());
+    }
+
+    /// Appends `n` hops A -> B at once, each from its own task, on a current-thread runtime (the sidecar's
+    /// one-worker setup): they are all pending before the signing task runs.
+    async fn at_once(signer: Arc<HopSigner>, n: usize) -> Vec<String> {
+        let tasks: Vec<_> = (0..n)
+            .map(|i| {
+                let signer = signer.clone();
+                tokio::spawn(async move {
+                    let to = vec![B.to_owned()];
+                    let path = format!("/item/{i}");
+                    let h = NewHop {
+                        path: &path,
+                        ..hop(A, &to)
+                    };
+                    signer.append(None, &h).await
+                })
+            })
+            .collect();
+        let mut out = Vec::new();
+        for t in tasks {
+            out.push(t.await.unwrap().unwrap());
+        }
+        out
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn hops_made_together_share_one_signature_and_each_verifies() {
+        let t = td();
+        let (ka, kb) = (svid(&t, A), svid(&t, B));
+        let checked = Limits {
+            verify_peer_signature: true,
+            ..Limits::default()
+        };
+        let hops = at_once(Arc::new(HopSigner::new(ka.clone(), true)), 12).await;
+        let sigs: std::collections::HashSet<&str> =
+            hops.iter().map(|h| h.split('.').nth(2).unwrap()).collect();
+        assert_eq!(sigs.len(), 1, "one signature for the batch");
+        let to_c = vec![C.to_owned()];
+        for (i, h) in hops.iter().enumerate() {
+            assert_eq!(h.split('.').count(), 4, "{h}");
+            let v = verify(h, &t.bundle, A, B, &checked).unwrap();
+            assert_eq!(v.hops[0].p, format!("/item/{i}"));
+            // As an earlier hop, further down the chain.
+            let on = append(Some(h), &hop(B, &to_c), &kb).unwrap();
+            assert_eq!(
+                verify(&on, &t.bundle, B, C, &Limits::default())
+                    .unwrap()
+                    .callers(),
+                vec![A, B]
+            );
+        }
+        // Another hop's proof, a changed payload or a cut proof: refused.
+        let (p0, rest0) = hops[0].split_once('.').unwrap();
+        let proof1 = hops[1].rsplit('.').next().unwrap();
+        let stolen = format!("{}.{proof1}", hops[0].rsplit_once('.').unwrap().0);
+        let mut hop0: Hop = serde_json::from_slice(&B64.decode(p0).unwrap()).unwrap();
+        hop0.p = "/admin".into();
+        let tampered = format!("{}.{rest0}", B64.encode(serde_json::to_vec(&hop0).unwrap()));
+        for bad in [&stolen, &tampered] {
+            let e = verify(bad, &t.bundle, A, B, &checked).unwrap_err();
+            assert!(matches!(e, ChainError::Forged { hop: 0, .. }), "{e}");
+        }
+        let cut = &hops[0][..hops[0].len() - 10];
+        let e = verify(cut, &t.bundle, A, B, &checked).unwrap_err();
+        assert!(matches!(e, ChainError::Malformed { hop: 0, .. }), "{e}");
+
+        // A hop alone is an ordinary hop; with batching off every hop is.
+        let lone = at_once(Arc::new(HopSigner::new(ka.clone(), true)), 1).await;
+        assert_eq!(lone[0].split('.').count(), 3);
+        verify(&lone[0], &t.bundle, A, B, &checked).unwrap();
+        for h in at_once(Arc::new(HopSigner::new(ka, false)), 5).await {
+            assert_eq!(h.split('.').count(), 3);
+            verify(&h, &t.bundle, A, B, &checked).unwrap();
+        }
+    }
+
+    #[test]
+    fn the_recent_tracker_is_bounded_whatever_the_peers_send() {
+        let r = Recent::default();
+        let long = "x".repeat(4096);
+        for i in 0..(Recent::CAP * 3) {
+            r.saw(&format!("{long}{i}"));
+        }
+        assert!(r.len() <= 2 * Recent::CAP, "{}", r.len());
+        r.saw("4bf92f3577b34da6a3ce929d0e0e4736");
+        assert!(r.seen("4bf92f3577b34da6a3ce929d0e0e4736"));
+        assert!(!r.seen("4bf92f3577b34da6a3ce929d0e0e4737"));
+        assert!(r.seen(&format!("{long}{}", Recent::CAP * 3 - 1)));
     }
 }

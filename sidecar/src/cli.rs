@@ -7,6 +7,7 @@ use crate::config::Config;
 use crate::policy::{PolicySet, Request};
 use crate::server;
 use clap::{Parser, Subcommand};
+use trustline_identity::lifecycle::{exit_with_parent, Shutdown};
 
 /// The Trustline sidecar: mutual TLS 1.3 between services, with authorization policy on every request.
 ///
@@ -101,24 +102,11 @@ fn kv(flag: &str, s: &str) -> Result<(String, String), String> {
         .ok_or_else(|| format!("{flag} {s:?}: expected NAME=VALUE"))
 }
 
-async fn shutdown_signal() {
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(_) => std::future::pending::<()>().await,
-        }
-    };
-    tokio::select! {
-        _ = term => {}
-        _ = tokio::signal::ctrl_c() => {}
-    }
-}
-
 fn run(cli: Cli) -> Result<ExitCode, String> {
     match cli.command {
         Command::Run { config } => {
+            // Started by `trustline up`: stop when it does, even if it is killed with SIGKILL.
+            exit_with_parent().map_err(|e| e.to_string())?;
             let (cfg, routes) = Config::load(&config).map_err(|e| e.to_string())?;
             let filter = tracing_subscriber::EnvFilter::try_from_env("TRUSTLINE_LOG")
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
@@ -142,7 +130,13 @@ fn run(cli: Cli) -> Result<ExitCode, String> {
                 .enable_all()
                 .build()
                 .map_err(|e| format!("cannot start runtime: {e}"))?;
-            rt.block_on(server::run(cfg, routes, shutdown_signal(), |b| {
+            // SIGINT and SIGTERM are caught from here on, before the ready line: a signal right after it drains
+            // instead of killing the process mid-request.
+            let shutdown = {
+                let _rt = rt.enter();
+                Shutdown::install().map_err(|e| format!("cannot install signal handlers: {e}"))?
+            };
+            rt.block_on(server::run(cfg, routes, shutdown.wait(), |b| {
                 let list = |v: &[std::net::SocketAddr]| {
                     v.iter().map(ToString::to_string).collect::<Vec<_>>().join(",")
                 };

@@ -22,6 +22,8 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::Deserialize;
+
+pub use crate::canon::PathMode;
 use trustline_identity::spiffe_id::SpiffeId;
 
 /// The configuration could not be read or is invalid; messages name the file, field and value.
@@ -121,6 +123,11 @@ pub struct ChainConfig {
     /// authenticates the peer; services further down the chain verify that signature as an earlier hop).
     #[serde(default)]
     pub verify_peer_signature: bool,
+    /// Sign the hops of requests that arrive together under one signature (a Merkle tree, each hop with its
+    /// inclusion proof; default true). Sidecars before this option refuse such hops: set false while a mesh
+    /// still runs them.
+    #[serde(default = "yes")]
+    pub batch_signatures: bool,
 }
 
 impl Default for ChainConfig {
@@ -130,6 +137,7 @@ impl Default for ChainConfig {
             max_bytes: default_chain_bytes(),
             max_age: default_chain_age(),
             verify_peer_signature: false,
+            batch_signatures: true,
         }
     }
 }
@@ -245,6 +253,10 @@ pub struct Inbound {
     /// Validate a JWT-SVID sent in `Authorization: Bearer` (HTTP only).
     #[serde(default)]
     pub jwt: Option<JwtAuth>,
+    /// What to do with a request path that is not canonical: `normalize` (default), `reject` (400) or `none`
+    /// (unsafe: policy and the app may read the path differently). See docs/policy.md.
+    #[serde(default)]
+    pub path_normalization: PathMode,
 }
 
 /// `[inbound.jwt]`
@@ -280,6 +292,9 @@ pub struct Outbound {
     /// TCP mode: SPIFFE IDs the upstream may present.
     #[serde(default)]
     pub spiffe_ids: Vec<String>,
+    /// As for `[[inbound]]`: the path the caller chain's hop, the log and the upstream see.
+    #[serde(default)]
+    pub path_normalization: PathMode,
 }
 
 /// `[[outbound.route]]`

@@ -183,6 +183,12 @@ impl Metrics {
             .inc_by(delta);
     }
 
+    /// Counts a connection open until the returned guard is dropped (a parked connection outlives its task).
+    pub fn open_connection(self: &Arc<Self>, direction: Direction) -> OpenConnection {
+        self.connection(direction, 1);
+        OpenConnection(self.clone(), direction)
+    }
+
     /// A TCP connection refused by policy.
     pub fn tcp_denied(&self, direction: Direction) {
         self.tcp_denied.get_or_create(&DirLabels { direction }).inc();
@@ -225,5 +231,15 @@ impl Metrics {
         // Writing into a String cannot fail.
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
         out
+    }
+}
+
+/// An open connection, counted in `trustline_sidecar_connections` until dropped.
+#[derive(Debug)]
+pub struct OpenConnection(Arc<Metrics>, Direction);
+
+impl Drop for OpenConnection {
+    fn drop(&mut self) {
+        self.0.connection(self.1, -1);
     }
 }

@@ -16,7 +16,6 @@ use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Request, Response, StatusCode, Uri, Version};
 use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt as _, Full, Limited};
-use hyper::body::Incoming;
 use hyper_util::client::legacy::connect::{Connected, Connection};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -25,8 +24,10 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use trustline_identity::tls::Refusal;
 
+use crate::canon::{PathMode, TargetError};
 use crate::config::{JwtAuth, Limits, ValidRoute};
 use crate::metrics::{Direction, Metrics};
+use crate::park::RequestBody;
 use crate::policy::{Decision, Request as PolicyRequest};
 use crate::policy_store::PolicyStore;
 use crate::svid_source::SvidSource;
@@ -58,6 +59,8 @@ pub struct Shared {
     pub limits: Limits,
     /// Caller-chain bounds and freshness.
     pub chain_limits: crate::chain::Limits,
+    /// Signs the hops this sidecar adds to caller chains.
+    pub hop_signer: crate::chain::HopSigner,
     /// Trace ids that recently arrived with a chain.
     pub recent_chains: crate::chain::Recent,
     /// The accountability log, when configured.
@@ -158,6 +161,50 @@ fn content_length(h: &HeaderMap) -> u64 {
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse().ok())
         .unwrap_or(0)
+}
+
+/// What every request goes through first, in this order: hop-by-hop headers are removed (so a header named in
+/// `Connection` can only remove what the client itself sent, never what the sidecar sets later), a valid
+/// traceparent is ensured, the host is checked to be one and the path put in canonical form
+/// ([`crate::canon`]). `Ok(Some(path as sent))` when the path was rewritten.
+fn admit<B>(req: &mut Request<B>, paths: PathMode) -> Result<Option<String>, TargetError> {
+    let upgrade = wants_upgrade(req);
+    strip_hop_by_hop(req.headers_mut(), upgrade);
+    ensure_traceparent(req.headers_mut());
+    crate::canon::check_host(req.uri(), req.headers())?;
+    crate::canon::canonicalize_uri(req.uri_mut(), paths)
+}
+
+fn note_normalized(rec: &mut trustline_audit::Record, sent: Option<String>) {
+    if let Some(sent) = sent {
+        rec.note = format!("path normalized from {sent:?}");
+    }
+}
+
+/// A 400 for a request whose target [`admit`] refused; logged, and recorded with the target as sent.
+fn refuse_target(
+    rec: &mut trustline_audit::Record,
+    grpc: bool,
+    e: &TargetError,
+    peer: Option<&str>,
+) -> (&'static str, Response<Body>) {
+    tracing::warn!(peer = peer.unwrap_or("local app"), method = %rec.method, path = %rec.path, reason = %e, "request refused: ambiguous target");
+    rec.note = format!("request refused: {e}");
+    (
+        "bad_request",
+        error_response(grpc, StatusCode::BAD_REQUEST, "bad_request", e.to_string()),
+    )
+}
+
+/// Every value of header `name`, joined with "," (`None` when absent or not visible ASCII).
+fn header_values(h: &HeaderMap, name: &str) -> Option<String> {
+    let mut values = h.get_all(name).iter();
+    let mut joined = values.next()?.to_str().ok()?.to_owned();
+    for v in values {
+        joined.push(',');
+        joined.push_str(v.to_str().ok()?);
+    }
+    Some(joined)
 }
 
 /// A record with what the request line says, and the trace ids of its (ensured) traceparent.
@@ -611,9 +658,19 @@ fn new_traceparent() -> HeaderValue {
         b[..16].copy_from_slice(&t.to_be_bytes());
         b[16..].copy_from_slice(&(t as u64 | 1).to_le_bytes());
     }
-    let hex = |s: &[u8]| s.iter().map(|x| format!("{x:02x}")).collect::<String>();
-    let v = format!("00-{}-{}-01", hex(&b[..16]), hex(&b[16..]));
-    HeaderValue::from_str(&v).unwrap_or(HeaderValue::from_static(
+    traceparent_of(&b)
+}
+
+/// `00-<trace id: b[..16] in hex>-<parent id: b[16..] in hex>-01`, written in place (no allocation per digit).
+fn traceparent_of(b: &[u8; 24]) -> HeaderValue {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut v = *b"00-00000000000000000000000000000000-0000000000000000-01";
+    for (i, x) in b.iter().enumerate() {
+        let at = if i < 16 { 3 + 2 * i } else { 36 + 2 * (i - 16) };
+        v[at] = HEX[usize::from(x >> 4)];
+        v[at + 1] = HEX[usize::from(x & 0xf)];
+    }
+    HeaderValue::from_bytes(&v).unwrap_or(HeaderValue::from_static(
         "00-00000000000000000000000000000001-0000000000000001-01",
     ))
 }
@@ -680,7 +737,7 @@ fn absolute_uri<B>(req: &mut Request<B>, scheme: &str, fallback_authority: &str)
     Ok(())
 }
 
-fn limit_body(req: Request<Incoming>, max: u64) -> Request<Body> {
+fn limit_body(req: Request<RequestBody>, max: u64) -> Request<Body> {
     if max == 0 {
         return req.map(|b| b.map_err(BoxError::from).boxed());
     }
@@ -746,10 +803,13 @@ where
     C::Future: Send + Unpin + 'static,
     C::Error: Into<BoxError>,
 {
+    // Hop-by-hop headers were stripped when the request arrived (`admit`), before the identity headers were set:
+    // stripping here again would let a client remove those by naming them in `Connection`.
     let upgrade = wants_upgrade(&req);
-    strip_hop_by_hop(req.headers_mut(), upgrade);
     let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
     let fut = if req.version() == Version::HTTP_2 {
+        // `:authority` carries the host (checked against any `Host` on arrival): no second spelling of it.
+        req.headers_mut().remove(header::HOST);
         h2.request(req)
     } else {
         *req.version_mut() = Version::HTTP_11;
@@ -817,11 +877,12 @@ pub struct Inbound {
     h1: Client<AppConnector, Body>,
     h2: Client<AppConnector, Body>,
     app_name: String,
+    paths: PathMode,
 }
 
 impl Inbound {
-    /// State for an inbound listener forwarding to `app`.
-    pub fn new(shared: Arc<Shared>, app: SocketAddr, jwt: Option<JwtAuth>) -> Arc<Self> {
+    /// State for an inbound listener forwarding to `app`, treating non-canonical paths as `paths` says.
+    pub fn new(shared: Arc<Shared>, app: SocketAddr, jwt: Option<JwtAuth>, paths: PathMode) -> Arc<Self> {
         let conn = AppConnector {
             addr: app,
             timeout: shared.limits.connect_timeout,
@@ -833,6 +894,7 @@ impl Inbound {
             shared,
             app,
             jwt,
+            paths,
         })
     }
 
@@ -840,14 +902,20 @@ impl Inbound {
     pub async fn handle(
         self: Arc<Self>,
         peer: Arc<str>,
-        mut req: Request<Incoming>,
+        mut req: Request<RequestBody>,
     ) -> Result<Response<Body>, Infallible> {
         let start = Instant::now();
-        ensure_traceparent(req.headers_mut());
+        let admitted = admit(&mut req, self.paths);
         let grpc = is_grpc(req.headers());
         let mut rec = new_record(INBOUND, &req, self.shared.own_id());
         rec.peer = peer.to_string();
-        let (decision, resp) = self.decide_and_forward(&peer, req, &mut rec).await;
+        let (decision, resp) = match admitted {
+            Ok(sent) => {
+                note_normalized(&mut rec, sent);
+                self.decide_and_forward(&peer, req, &mut rec).await
+            }
+            Err(e) => refuse_target(&mut rec, grpc, &e, Some(&peer)),
+        };
         Ok(self
             .shared
             .finish(INBOUND, decision, resp, rec, start, grpc)
@@ -901,7 +969,7 @@ impl Inbound {
     async fn decide_and_forward(
         &self,
         peer: &str,
-        req: Request<Incoming>,
+        req: Request<RequestBody>,
         rec: &mut trustline_audit::Record,
     ) -> (&'static str, Response<Body>) {
         let grpc = is_grpc(req.headers());
@@ -942,7 +1010,18 @@ impl Inbound {
         // The caller chain: verified when present; a bad one is refused before policy.
         let mut callers = Vec::new();
         if let Some(v) = req.headers().get(crate::chain::HEADER) {
+            let repeated = req
+                .headers()
+                .get_all(crate::chain::HEADER)
+                .iter()
+                .nth(1)
+                .is_some();
             let verified = match (v.to_str(), self.shared.identity.bundle()) {
+                // Two chains: the app behind could read the one that was not verified.
+                _ if repeated => Err(crate::chain::ChainError::Malformed {
+                    hop: 0,
+                    reason: format!("more than one {} header", crate::chain::HEADER),
+                }),
                 (Ok(text), Some(bundle)) => {
                     crate::chain::verify(text, &bundle, peer, &rec.local, &self.shared.chain_limits)
                 }
@@ -992,13 +1071,12 @@ impl Inbound {
                 path: req.uri().path().to_owned(),
                 host: request_host(&req),
                 port: Some(self.app.port()),
-                // Only the headers some condition reads (the rest would be copied for nothing).
+                // Only the headers some condition reads (the rest would be copied for nothing); a repeated header
+                // is seen whole, its values joined with "," (as Istio does), so a condition cannot be met by one
+                // value while the app reads another.
                 headers: policies
                     .header_names()
-                    .filter_map(|k| {
-                        let v = req.headers().get(k)?.to_str().ok()?;
-                        Some((k.to_owned(), v.to_owned()))
-                    })
+                    .filter_map(|k| Some((k.to_owned(), header_values(req.headers(), k)?)))
                     .collect(),
                 claims,
                 chain: callers,
@@ -1087,11 +1165,12 @@ pub struct Outbound {
     table: Arc<RouteTable>,
     h1: Client<UpstreamConnector, Body>,
     h2: Client<UpstreamConnector, Body>,
+    paths: PathMode,
 }
 
 impl Outbound {
-    /// State for an outbound listener with `table`.
-    pub fn new(shared: Arc<Shared>, table: RouteTable) -> Arc<Self> {
+    /// State for an outbound listener with `table`, treating non-canonical paths as `paths` says.
+    pub fn new(shared: Arc<Shared>, table: RouteTable, paths: PathMode) -> Arc<Self> {
         let table = Arc::new(table);
         let conn = |h2| UpstreamConnector {
             table: table.clone(),
@@ -1103,16 +1182,26 @@ impl Outbound {
             h2: client(conn(true), &shared.limits, true),
             shared,
             table,
+            paths,
         })
     }
 
     /// Routes and forwards one request from the local app.
-    pub async fn handle(self: Arc<Self>, mut req: Request<Incoming>) -> Result<Response<Body>, Infallible> {
+    pub async fn handle(
+        self: Arc<Self>,
+        mut req: Request<RequestBody>,
+    ) -> Result<Response<Body>, Infallible> {
         let start = Instant::now();
-        ensure_traceparent(req.headers_mut());
+        let admitted = admit(&mut req, self.paths);
         let grpc = is_grpc(req.headers());
         let mut rec = new_record(OUTBOUND, &req, self.shared.own_id());
-        let (decision, resp) = self.route_and_forward(req, &mut rec).await;
+        let (decision, resp) = match admitted {
+            Ok(sent) => {
+                note_normalized(&mut rec, sent);
+                self.route_and_forward(req, &mut rec).await
+            }
+            Err(e) => refuse_target(&mut rec, grpc, &e, None),
+        };
         Ok(self
             .shared
             .finish(OUTBOUND, decision, resp, rec, start, grpc)
@@ -1121,7 +1210,7 @@ impl Outbound {
 
     async fn route_and_forward(
         &self,
-        req: Request<Incoming>,
+        req: Request<RequestBody>,
         rec: &mut trustline_audit::Record,
     ) -> (&'static str, Response<Body>) {
         let grpc = is_grpc(req.headers());
@@ -1185,11 +1274,16 @@ impl Outbound {
             authority: &rec.authority,
             path: &rec.path,
         };
-        match crate::chain::append(existing.as_deref(), &hop, &self.shared.identity.cert).and_then(|v| {
-            HeaderValue::from_str(&v)
-                .map(|h| (v, h))
-                .map_err(|e| e.to_string())
-        }) {
+        match self
+            .shared
+            .hop_signer
+            .append(existing.as_deref(), &hop)
+            .await
+            .and_then(|v| {
+                HeaderValue::from_str(&v)
+                    .map(|h| (v, h))
+                    .map_err(|e| e.to_string())
+            }) {
             Ok((text, v)) => {
                 rec.chain_digest = crate::chain::digest(&text);
                 // The callers the app propagated (not verified here: the callee verifies them), then us.
@@ -1288,6 +1382,12 @@ mod tests {
         let a = new_traceparent();
         let b = new_traceparent();
         assert_ne!(a, b);
+        let bytes: [u8; 24] = std::array::from_fn(|i| (i as u8).wrapping_mul(37).wrapping_add(5));
+        let hex: String = bytes.iter().map(|x| format!("{x:02x}")).collect();
+        assert_eq!(
+            traceparent_of(&bytes),
+            format!("00-{}-{}-01", &hex[..32], &hex[32..]).as_str()
+        );
     }
 
     #[test]

@@ -5,17 +5,17 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::conn::auto;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 use trustline_identity::tls::{server_config, svid_leaf_id, SpiffeClientVerifier};
 
 use crate::config::{Config, Limits, Protocol, ValidRoute};
 use crate::metrics::Metrics;
+use crate::park::{Http, Lot};
 use crate::policy_store::PolicyStore;
 use crate::proxy::{group_name, refusal_of, Inbound, Outbound, RouteTable, Shared};
 use crate::svid_source::SvidSource;
+use crate::tls_stream::ServerTls;
 
 /// Why the sidecar could not start.
 #[derive(Debug, thiserror::Error)]
@@ -84,44 +84,8 @@ impl Conns {
 }
 
 /// Resolves once shutdown is signalled (or its sender is gone).
-async fn stopped(rx: &mut watch::Receiver<bool>) {
+pub(crate) async fn stopped(rx: &mut watch::Receiver<bool>) {
     let _ = rx.wait_for(|s| *s).await;
-}
-
-/// Serves one HTTP connection (HTTP/1.1 with upgrades, or HTTP/2), draining gracefully on shutdown.
-async fn serve_http<I, S, B>(io: I, svc: S, limits: &Limits, mut shutdown: watch::Receiver<bool>)
-where
-    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
-    S: hyper::service::Service<hyper::Request<hyper::body::Incoming>, Response = hyper::Response<B>> + Send,
-    S::Future: Send + 'static,
-    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
-    B: hyper::body::Body + Send + 'static,
-    B::Data: Send,
-    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
-{
-    let mut b = auto::Builder::new(TokioExecutor::new());
-    b.http1()
-        .timer(TokioTimer::new())
-        .header_read_timeout(limits.request_timeout)
-        .max_buf_size(limits.max_header_bytes.max(8192));
-    b.http2()
-        .timer(TokioTimer::new())
-        .adaptive_window(true)
-        .keep_alive_interval(Some(Duration::from_secs(30)))
-        .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX));
-    let conn = b.serve_connection_with_upgrades(io, svc);
-    tokio::pin!(conn);
-    tokio::select! {
-        r = conn.as_mut() => {
-            if let Err(e) = r {
-                tracing::debug!(error = %e, "connection ended with an error");
-            }
-        }
-        () = stopped(&mut shutdown) => {
-            conn.as_mut().graceful_shutdown();
-            let _ = conn.await;
-        }
-    }
 }
 
 /// Accepts connections until shutdown, at most `limits.max_connections` at once.
@@ -257,6 +221,7 @@ pub async fn run(
             verify_peer_signature: config.chain.verify_peer_signature,
             ..crate::chain::Limits::default()
         },
+        hop_signer: crate::chain::HopSigner::new(identity.cert.clone(), config.chain.batch_signatures),
         recent_chains: crate::chain::Recent::default(),
         log: log.clone(),
     });
@@ -276,33 +241,40 @@ pub async fn run(
             Protocol::Http => vec![b"h2".to_vec(), b"http/1.1".to_vec()],
             Protocol::Tcp => Vec::new(),
         };
-        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
-        let state = Inbound::new(shared.clone(), ib.app, ib.jwt.clone());
+        let acceptor = Arc::new(tls);
+        let state = Inbound::new(shared.clone(), ib.app, ib.jwt.clone(), ib.path_normalization);
         let conns = Conns::new(limits.max_connections);
         all_conns.push(conns.clone());
-        let (protocol, shared, stop) = (ib.protocol, shared.clone(), stop_rx.clone());
+        let (protocol, shared) = (ib.protocol, shared.clone());
+        let lot = Lot::new(Http::new(&limits), stop_rx.clone());
         accept_loop(listener, conns, stop_rx.clone(), move |tcp, remote, permit| {
-            let (acceptor, state, shared, stop) =
-                (acceptor.clone(), state.clone(), shared.clone(), stop.clone());
+            let (acceptor, state, shared, lot) =
+                (acceptor.clone(), state.clone(), shared.clone(), lot.clone());
             async move {
-                let _permit = permit;
                 let m = &shared.metrics;
-                let tls =
-                    match tokio::time::timeout(shared.limits.handshake_timeout, acceptor.accept(tcp)).await {
-                        Err(_) => {
-                            m.handshake("inbound", "timeout", "");
-                            tracing::warn!(%remote, reason = "timeout", "peer refused at the TLS handshake");
-                            return;
-                        }
-                        Ok(Err(e)) => {
-                            let reason = refusal_of(&e);
-                            m.handshake("inbound", reason, "");
-                            tracing::warn!(%remote, reason, error = %e, "peer refused at the TLS handshake");
-                            return;
-                        }
-                        Ok(Ok(t)) => t,
-                    };
-                let (_, session) = tls.get_ref();
+                // The handshake's state, and then the TLS stream, live in boxes: the connection's task (which
+                // an idle connection is, besides its TLS session) stays a few hundred bytes.
+                let timeout = shared.limits.handshake_timeout;
+                let handshake = Box::pin(async move {
+                    tokio::time::timeout(timeout, ServerTls::accept(tcp, acceptor))
+                        .await
+                        .map(|r| r.map(Box::new))
+                });
+                let tls = match handshake.await {
+                    Err(_) => {
+                        m.handshake("inbound", "timeout", "");
+                        tracing::warn!(%remote, reason = "timeout", "peer refused at the TLS handshake");
+                        return;
+                    }
+                    Ok(Err(e)) => {
+                        let reason = refusal_of(&e);
+                        m.handshake("inbound", reason, "");
+                        tracing::warn!(%remote, reason, error = %e, "peer refused at the TLS handshake");
+                        return;
+                    }
+                    Ok(Ok(t)) => t,
+                };
+                let session = tls.session();
                 let group = group_name(session.negotiated_key_exchange_group().map(|g| g.name()));
                 let peer = session
                     .peer_certificates()
@@ -316,38 +288,39 @@ pub async fn run(
                 m.handshake("inbound", "ok", group);
                 tracing::info!(%remote, peer = %peer, key_exchange = group, "peer connected");
                 let peer: Arc<str> = Arc::from(peer.to_string());
-                m.connection("inbound", 1);
+                let open = m.open_connection("inbound");
                 match protocol {
                     Protocol::Tcp => state.handle_tcp(peer, tls).await,
                     Protocol::Http => {
-                        let svc =
-                            hyper::service::service_fn(move |req| state.clone().handle(peer.clone(), req));
-                        serve_http(TokioIo::new(tls), svc, &shared.limits, stop).await;
+                        let svc = move |req| state.clone().handle(peer.clone(), req);
+                        lot.serve(tls, svc, (permit, open)).await;
                     }
                 }
-                m.connection("inbound", -1);
             }
         });
     }
     for ((ob, listener), routes) in config.outbound.iter().zip(outbound_l).zip(routes) {
         bound.outbound.push(listener.local_addr().unwrap_or(ob.listen));
-        let state = Outbound::new(shared.clone(), RouteTable::new(routes, &identity)?);
+        let state = Outbound::new(
+            shared.clone(),
+            RouteTable::new(routes, &identity)?,
+            ob.path_normalization,
+        );
         let conns = Conns::new(limits.max_connections);
         all_conns.push(conns.clone());
-        let (protocol, shared, stop) = (ob.protocol, shared.clone(), stop_rx.clone());
+        let (protocol, shared) = (ob.protocol, shared.clone());
+        let lot = Lot::new(Http::new(&limits), stop_rx.clone());
         accept_loop(listener, conns, stop_rx.clone(), move |tcp, _remote, permit| {
-            let (state, shared, stop) = (state.clone(), shared.clone(), stop.clone());
+            let (state, shared, lot) = (state.clone(), shared.clone(), lot.clone());
             async move {
-                let _permit = permit;
-                shared.metrics.connection("outbound", 1);
+                let open = shared.metrics.open_connection("outbound");
                 match protocol {
                     Protocol::Tcp => state.handle_tcp(tcp).await,
                     Protocol::Http => {
-                        let svc = hyper::service::service_fn(move |req| state.clone().handle(req));
-                        serve_http(TokioIo::new(tcp), svc, &shared.limits, stop).await;
+                        let svc = move |req| state.clone().handle(req);
+                        lot.serve(tcp, svc, (permit, open)).await;
                     }
                 }
-                shared.metrics.connection("outbound", -1);
             }
         });
     }
@@ -380,11 +353,11 @@ fn serve_metrics(
     stop: watch::Receiver<bool>,
 ) {
     let conns = Conns::new(64);
+    let lot = Lot::new(Http::new(&Limits::default()), stop.clone());
     accept_loop(listener, conns, stop.clone(), move |tcp, _, permit| {
-        let (metrics, identity, stop) = (metrics.clone(), identity.clone(), stop.clone());
+        let (metrics, identity, lot) = (metrics.clone(), identity.clone(), lot.clone());
         async move {
-            let _permit = permit;
-            let svc = hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+            let svc = move |req: hyper::Request<crate::park::RequestBody>| {
                 let (metrics, identity) = (metrics.clone(), identity.clone());
                 async move {
                     let (status, body) = match req.uri().path() {
@@ -399,8 +372,8 @@ fn serve_metrics(
                     *r.status_mut() = hyper::StatusCode::from_u16(status).unwrap_or(hyper::StatusCode::OK);
                     Ok::<_, std::convert::Infallible>(r)
                 }
-            });
-            serve_http(TokioIo::new(tcp), svc, &Limits::default(), stop).await;
+            };
+            lot.serve(tcp, svc, permit).await;
         }
     });
 }

@@ -27,6 +27,10 @@ use trustline_proto::agent::agent_client::AgentClient;
 /// How long a process gets to print its readiness line.
 pub const READY_TIMEOUT: Duration = Duration::from_secs(60);
 
+/// How long a test waits for something that happens on its own (a reload, a rotation, a reconnect, a log line, a
+/// process stopping). An upper bound only, generous for a loaded machine: a fast one goes on as soon as it happens.
+pub const PATIENCE: Duration = Duration::from_secs(60);
+
 /// Path of a workspace binary (built by `cargo build --workspace --bins`, which `scripts/test.sh` runs first).
 pub fn bin(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("current exe");
@@ -68,13 +72,12 @@ pub fn spawn_ready(mut cmd: Command, prefix: &str) -> (Child, String, Arc<std::s
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
     // A binary copied by a test can briefly be "text file busy" while another test thread forks with the
-    // copy's descriptor still open: retry.
-    let mut tries = 0;
+    // copy's descriptor still open (until that child execs, which a loaded machine may delay): retry.
+    let started = Instant::now();
     let mut child = loop {
         match cmd.spawn() {
             Ok(c) => break c,
-            Err(e) if e.raw_os_error() == Some(26) && tries < 50 => {
-                tries += 1;
+            Err(e) if e.raw_os_error() == Some(26) && started.elapsed() < PATIENCE => {
                 std::thread::sleep(Duration::from_millis(20));
             }
             Err(e) => panic!("spawn {cmd:?}: {e}"),
@@ -114,14 +117,43 @@ pub fn spawn_ready(mut cmd: Command, prefix: &str) -> (Child, String, Arc<std::s
     (child, ready, logs)
 }
 
-/// Sends SIGTERM and waits up to 10 s, then kills.
+/// Whether a line of `logs` contains `needle`, waiting for it if need be: the lines come from a thread reading
+/// the process's stderr, which may lag behind what the test saw elsewhere (its stdout, a response, a metric).
+/// Polls every 20 ms; false only after [`PATIENCE`]. Not for asserting that something was *not* logged.
+pub fn wait_logged(logs: &std::sync::Mutex<Vec<String>>, needle: &str) -> bool {
+    blocking(|| {
+        let start = Instant::now();
+        loop {
+            if logs.lock().unwrap().iter().any(|l| l.contains(needle)) {
+                return true;
+            }
+            if start.elapsed() > PATIENCE {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    })
+}
+
+/// Runs a blocking wait. Called from an async test on a multi-thread runtime, it lets the other tasks of this
+/// worker (an in-process app, a client connection) run meanwhile.
+fn blocking<T>(f: impl FnOnce() -> T) -> T {
+    match tokio::runtime::Handle::try_current() {
+        Ok(h) if h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
+            tokio::task::block_in_place(f)
+        }
+        _ => f(),
+    }
+}
+
+/// Sends SIGTERM and waits (up to [`PATIENCE`]) for the process to exit, then kills.
 pub fn terminate(child: &mut Child) {
     let _ = Command::new("kill")
         .arg("-TERM")
         .arg(child.id().to_string())
         .status();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
+    let deadline = Instant::now() + PATIENCE;
+    blocking(|| loop {
         if let Ok(Some(_)) = child.try_wait() {
             return;
         }
@@ -131,7 +163,7 @@ pub fn terminate(child: &mut Child) {
             return;
         }
         std::thread::sleep(Duration::from_millis(20));
-    }
+    })
 }
 
 /// A running `trustline-agent`.
@@ -213,6 +245,27 @@ impl Agent {
         *self = Self::spawn(&self.config.clone(), None);
     }
 
+    /// Whether the agent logged a line containing `needle` (waiting for it: see [`wait_logged`]).
+    pub fn logged(&self, needle: &str) -> bool {
+        wait_logged(&self.logs, needle)
+    }
+
+    /// The address a TCP listener configured with port 0 got: the agent logs `<what> listening on http://ADDR`
+    /// (`what` is "HTTP API" for `http_listen`, "health and metrics" for `health_listen`).
+    pub fn listening(&self, what: &str) -> SocketAddr {
+        let needle = format!("{what} listening on http://");
+        assert!(self.logged(&needle), "the agent did not log {needle:?}");
+        let logs = self.logs.lock().unwrap();
+        let line = logs.iter().find(|l| l.contains(&needle)).unwrap();
+        let rest = &line[line.find(&needle).unwrap() + needle.len()..];
+        let addr: String = rest
+            .chars()
+            .take_while(|c| c.is_ascii_hexdigit() || matches!(c, '.' | ':' | '[' | ']'))
+            .collect();
+        addr.parse()
+            .unwrap_or_else(|e| panic!("{addr:?} in {line:?}: {e}"))
+    }
+
     /// `unix:` endpoint of the Workload API for SPIFFE clients.
     pub fn endpoint(&self) -> String {
         format!("unix:{}", self.socket.display())
@@ -257,7 +310,8 @@ impl Drop for Agent {
     }
 }
 
-/// A free loopback port (bound and released).
+/// A free loopback port (bound and released). Racy (another process may take it before the program under test
+/// binds it): prefer port 0 and a program that reports what it bound.
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
@@ -371,25 +425,15 @@ impl Ca {
             .unwrap()
     }
 
+    /// Whether the CA logged a line containing `needle` (waiting for it: see [`wait_logged`]).
+    pub fn logged(&self, needle: &str) -> bool {
+        wait_logged(&self.logs, needle)
+    }
+
     /// Stops the CA with SIGTERM and waits for it to exit.
     pub fn stop(&mut self) {
         if let Some(mut child) = self.child.take() {
-            let _ = Command::new("kill")
-                .arg("-TERM")
-                .arg(child.id().to_string())
-                .status();
-            let deadline = Instant::now() + Duration::from_secs(10);
-            loop {
-                if let Ok(Some(_)) = child.try_wait() {
-                    break;
-                }
-                if Instant::now() > deadline {
-                    let _ = child.kill();
-                    let _ = child.wait();
-                    break;
-                }
-                std::thread::sleep(Duration::from_millis(20));
-            }
+            terminate(&mut child);
         }
     }
 

@@ -4,6 +4,7 @@
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -11,7 +12,7 @@ use bytes::Bytes;
 use http_body_util::{BodyExt as _, Full};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 
-use crate::{bin, spawn_ready, terminate, Agent, Ca};
+use crate::{bin, spawn_ready, terminate, wait_logged, Agent, Ca, PATIENCE};
 
 /// Trust domain of every mesh.
 pub const TD: &str = "spiffe://example.org";
@@ -172,9 +173,9 @@ impl Sidecar {
             .sum()
     }
 
-    /// Whether any log line contains `needle`.
+    /// Whether a log line contains `needle`, waiting for it if need be (see [`wait_logged`]).
     pub fn logged(&self, needle: &str) -> bool {
-        self.logs.lock().unwrap().iter().any(|l| l.contains(needle))
+        wait_logged(&self.logs, needle)
     }
 
     /// SIGTERM and wait.
@@ -255,7 +256,7 @@ pub async fn request(
         b = b.header(*k, *v);
     }
     let req = b.body(Full::new(Bytes::from(body.to_owned()))).unwrap();
-    let resp = tokio::time::timeout(Duration::from_secs(20), send.send_request(req))
+    let resp = tokio::time::timeout(PATIENCE, send.send_request(req))
         .await
         .map_err(|_| "timed out".to_owned())?
         .map_err(|e| e.to_string())?;
@@ -283,14 +284,23 @@ pub fn pooled_client(
 /// An in-process app on loopback: answers every request with JSON describing it (method, path, version,
 /// headers, body length); a path ending in `/slow` answers after 1.5 s; one ending in `/ws` with `Upgrade` switches protocols and echoes bytes.
 pub async fn echo_app() -> SocketAddr {
+    echo_app_counting_slow().await.0
+}
+
+/// [`echo_app`], and how many `/slow` requests have reached it (counted on arrival, before the pause).
+pub async fn echo_app_counting_slow() -> (SocketAddr, Arc<AtomicU64>) {
+    let slow_started = Arc::new(AtomicU64::new(0));
     let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = l.local_addr().unwrap();
+    let counter = slow_started.clone();
     tokio::spawn(async move {
         loop {
             let Ok((tcp, _)) = l.accept().await else { return };
+            let counter = counter.clone();
             tokio::spawn(async move {
-                let svc = hyper::service::service_fn(
-                    |mut req: http::Request<hyper::body::Incoming>| async move {
+                let svc = hyper::service::service_fn(move |mut req: http::Request<hyper::body::Incoming>| {
+                    let counter = counter.clone();
+                    async move {
                         if req.uri().path().ends_with("/ws") && req.headers().contains_key("upgrade") {
                             let up = hyper::upgrade::on(&mut req);
                             tokio::spawn(async move {
@@ -309,6 +319,7 @@ pub async fn echo_app() -> SocketAddr {
                             return Ok::<_, std::convert::Infallible>(r);
                         }
                         if req.uri().path().ends_with("/slow") {
+                            counter.fetch_add(1, Ordering::SeqCst);
                             tokio::time::sleep(Duration::from_millis(1500)).await;
                         }
                         let headers: serde_json::Map<String, serde_json::Value> = req
@@ -332,13 +343,13 @@ pub async fn echo_app() -> SocketAddr {
                             .header("content-type", "application/json")
                             .body(Full::new(Bytes::from(j.to_string())))
                             .unwrap())
-                    },
-                );
+                    }
+                });
                 let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
                     .serve_connection_with_upgrades(TokioIo::new(tcp), svc)
                     .await;
             });
         }
     });
-    addr
+    (addr, slow_started)
 }

@@ -11,7 +11,7 @@
 //! The deploy files are also checked for shape: systemd units parse as INI with `[Unit]`, `[Service]` and
 //! `[Install]` and the hardening the operator guide promises; Kubernetes manifests parse as YAML with the expected
 //! kinds, the sidecar ConfigMap's `sidecar.toml` passes the sidecar's own config parser and its policies the
-//! policy parser.
+//! policy parser, and the agent ConfigMap's `agent.toml` the agent's config parser.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -896,7 +896,7 @@ fn check_manifests(checker: &mut Checker) {
                 ));
             }
             seen.push(kind.to_owned());
-            // The sidecar's config and policies go through the sidecar's own parsers.
+            // The sidecar's config and policies, and the agent's config, go through their own parsers.
             if kind == "ConfigMap" {
                 for (key, value) in d["data"].as_object().into_iter().flatten() {
                     let body = value.as_str().unwrap_or_default();
@@ -910,6 +910,13 @@ fn check_manifests(checker: &mut Checker) {
                         if let Err(e) = trustline_sidecar::config::Config::parse(Path::new(key), body) {
                             checker.problems.push(format!("{where_}: {e}"));
                         }
+                    } else if key == "agent.toml" {
+                        if let Err(e) = trustline_identity_agent::config::Config::parse(Path::new(key), body)
+                        {
+                            checker.problems.push(format!("{where_}: {e}"));
+                        }
+                    } else {
+                        checker.problems.push(format!("{where_}: no check for this key"));
                     }
                 }
             }

@@ -8,8 +8,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use trustline_tests::bin;
 use trustline_tests::mesh::{echo_app, request, Mesh, TD};
+use trustline_tests::{bin, eventually, PATIENCE};
 
 #[tokio::test(flavor = "multi_thread")]
 async fn kill_9_loses_no_acknowledged_record() {
@@ -52,8 +52,14 @@ async fn kill_9_loses_no_acknowledged_record() {
             }
         }));
     }
-    // Let the load run, then kill -9 in the middle of it.
+    // Let the load run (at least 2.5 s and until over 200 requests were answered, however slow the machine), then
+    // kill -9 in the middle of it.
     tokio::time::sleep(Duration::from_millis(2500)).await;
+    eventually(PATIENCE, "over 200 answered requests", || {
+        let answered = acked.lock().unwrap().len();
+        async move { (answered > 200).then_some(()) }
+    })
+    .await;
     std::process::Command::new("kill")
         .args(["-9", &api.pid().unwrap().to_string()])
         .status()
@@ -179,30 +185,22 @@ async fn a_full_disk_fails_closed_or_open_as_configured_and_recovers() {
     assert!(open.logged("accountability log write failed"));
 
     // Fail closed: with the disk full, requests are refused with 503 and never reach the app.
-    let r = trustline_tests::eventually(
-        Duration::from_secs(10),
-        "a 503 from the fail-closed sidecar",
-        || async {
-            let r = request(w, "GET", "closed", &format!("/x/{big}"), &[], "")
-                .await
-                .unwrap();
-            (r.status == 503).then_some(r)
-        },
-    )
+    let r = eventually(PATIENCE, "a 503 from the fail-closed sidecar", || async {
+        let r = request(w, "GET", "closed", &format!("/x/{big}"), &[], "")
+            .await
+            .unwrap();
+        (r.status == 503).then_some(r)
+    })
     .await;
     assert!(r.body.contains("log_unavailable"), "{}", r.body);
 
     // Space comes back: the fail-closed sidecar's writer notices (it probes with a checkpoint) and serves again.
     open.stop();
     let _ = std::fs::remove_dir_all(mnt.join("api-open"));
-    trustline_tests::eventually(
-        Duration::from_secs(10),
-        "recovery after the disk has space",
-        || async {
-            let r = request(w, "GET", "closed", "/again", &[], "").await.unwrap();
-            (r.status == 200).then_some(())
-        },
-    )
+    eventually(PATIENCE, "recovery after the disk has space", || async {
+        let r = request(w, "GET", "closed", "/again", &[], "").await.unwrap();
+        (r.status == 200).then_some(())
+    })
     .await;
     assert!(closed.logged("accountability log writes recovered"));
     drop(closed);

@@ -5,7 +5,7 @@
 
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -14,7 +14,8 @@ use tonic::{Request, Response, Status, Streaming};
 use trustline_tests::echo::echo_client::EchoClient;
 use trustline_tests::echo::echo_server::{Echo, EchoServer};
 use trustline_tests::echo::{EchoReply, EchoRequest};
-use trustline_tests::mesh::{echo_app, request, Mesh, TD};
+use trustline_tests::mesh::{echo_app, request, Mesh, Sidecar, TD};
+use trustline_tests::PATIENCE;
 
 struct App;
 
@@ -203,7 +204,7 @@ async fn grpc_unary_and_streaming_through_a_sidecar_pair() {
 
     // A DENY policy: the call fails with PERMISSION_DENIED naming the policy, and never reaches the app.
     std::fs::write(api.policy_dir.join("deny.yaml"), DENY).unwrap();
-    let denied = trustline_tests::eventually(Duration::from_secs(10), "the DENY policy in force", || {
+    let denied = trustline_tests::eventually(PATIENCE, "the DENY policy in force", || {
         let mut c = c.clone();
         async move {
             let out = tokio_stream::iter(vec![EchoRequest::default()]);
@@ -223,6 +224,12 @@ async fn grpc_unary_and_streaming_through_a_sidecar_pair() {
         .await
             >= 1.0
     );
+}
+
+/// When the sidecar's current SVID expires (unix seconds).
+async fn svid_expiry(s: &Sidecar) -> f64 {
+    s.metric("trustline_sidecar_svid_expiry_timestamp_seconds", &[])
+        .await
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -258,13 +265,13 @@ async fn svid_rotation_under_continuous_load_fails_no_request() {
 
     let ok = Arc::new(AtomicU64::new(0));
     let failed = Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
-    let until = Instant::now() + Duration::from_secs(12);
+    let stop = Arc::new(AtomicBool::new(false));
     let mut tasks = Vec::new();
     for t in 0..4 {
-        let (ok, failed) = (ok.clone(), failed.clone());
+        let (ok, failed, stop) = (ok.clone(), failed.clone(), stop.clone());
         tasks.push(tokio::spawn(async move {
             let client = trustline_tests::mesh::pooled_client();
-            while Instant::now() < until {
+            while !stop.load(Ordering::Relaxed) {
                 let req = http::Request::builder()
                     .uri(format!("http://{w}/load/{t}"))
                     .header("host", "api")
@@ -283,9 +290,9 @@ async fn svid_rotation_under_continuous_load_fails_no_request() {
         }));
     }
     {
-        let (ok, failed) = (ok.clone(), failed.clone());
+        let (ok, failed, stop) = (ok.clone(), failed.clone(), stop.clone());
         tasks.push(tokio::spawn(async move {
-            while Instant::now() < until {
+            while !stop.load(Ordering::Relaxed) {
                 match request(w, "GET", "api2", "/fresh", &[], "").await {
                     Ok(r) if r.status == 200 => {
                         ok.fetch_add(1, Ordering::Relaxed);
@@ -300,6 +307,37 @@ async fn svid_rotation_under_continuous_load_fails_no_request() {
             }
         }));
     }
+    let installs = |s: &Sidecar| {
+        s.logs
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|l| l.contains("SVID installed"))
+            .count()
+    };
+    let handshakes_ok = || {
+        api.metric(
+            "trustline_sidecar_tls_handshakes_total",
+            &[("direction", "inbound"), ("outcome", "ok")],
+        )
+    };
+    // The load runs for at least 12 s and until it has done what is checked below (many answered requests, new
+    // handshakes, two rotations on each side), however slow the machine; the bound is only a bound.
+    let started = Instant::now();
+    loop {
+        let done = started.elapsed() >= Duration::from_secs(12)
+            && ok.load(Ordering::Relaxed) > 100
+            && installs(&api) >= 3
+            && installs(&web) >= 3
+            && svid_expiry(&api).await >= first_api_expiry + 5.0
+            && svid_expiry(&web).await >= first_web_expiry + 5.0
+            && handshakes_ok().await >= 20.0;
+        if done || started.elapsed() > 2 * PATIENCE {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    stop.store(true, Ordering::Relaxed);
     for t in tasks {
         t.await.unwrap();
     }
@@ -313,12 +351,8 @@ async fn svid_rotation_under_continuous_load_fails_no_request() {
     assert!(ok.load(Ordering::Relaxed) > 100, "load ran");
 
     // Both sides rotated (at least twice) while the load ran, and new handshakes used the new SVIDs.
-    let api_expiry = api
-        .metric("trustline_sidecar_svid_expiry_timestamp_seconds", &[])
-        .await;
-    let web_expiry = web
-        .metric("trustline_sidecar_svid_expiry_timestamp_seconds", &[])
-        .await;
+    let api_expiry = svid_expiry(&api).await;
+    let web_expiry = svid_expiry(&web).await;
     assert!(
         api_expiry >= first_api_expiry + 5.0,
         "api rotated: {first_api_expiry} -> {api_expiry}"
@@ -327,26 +361,13 @@ async fn svid_rotation_under_continuous_load_fails_no_request() {
         web_expiry >= first_web_expiry + 5.0,
         "web rotated: {first_web_expiry} -> {web_expiry}"
     );
-    let installs = |s: &trustline_tests::mesh::Sidecar| {
-        s.logs
-            .lock()
-            .unwrap()
-            .iter()
-            .filter(|l| l.contains("SVID installed"))
-            .count()
-    };
     assert!(
         installs(&api) >= 3 && installs(&web) >= 3,
         "{} {}",
         installs(&api),
         installs(&web)
     );
-    let handshakes = api
-        .metric(
-            "trustline_sidecar_tls_handshakes_total",
-            &[("direction", "inbound"), ("outcome", "ok")],
-        )
-        .await;
+    let handshakes = handshakes_ok().await;
     assert!(
         handshakes >= 20.0,
         "new connections kept being made: {handshakes}"

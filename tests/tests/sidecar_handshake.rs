@@ -10,8 +10,8 @@ use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair, KeyUsagePurpose,
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use trustline_identity::spiffe_id::{SpiffeId, TrustDomain};
 use trustline_identity::tls::{client_config, ExpectedPeer, RotatingCert, SpiffeServerVerifier, TrustBundle};
-use trustline_tests::eventually;
 use trustline_tests::mesh::{echo_app, Mesh, TD};
+use trustline_tests::{eventually, PATIENCE};
 
 /// A leaf with the given URI SANs, as an X.509-SVID would be (digitalSignature, not a CA).
 fn leaf_params(uris: &[&str]) -> CertificateParams {
@@ -78,7 +78,7 @@ async fn attempt(
     }
     let mut buf = [0u8; 64];
     matches!(
-        tokio::time::timeout(Duration::from_secs(10), tls.read(&mut buf)).await,
+        tokio::time::timeout(PATIENCE, tls.read(&mut buf)).await,
         Ok(Ok(n)) if n > 0 && buf.starts_with(b"HTTP/1.1")
     )
 }
@@ -149,7 +149,7 @@ async fn bad_peer_certificates_are_refused_at_the_handshake_with_their_reason() 
         "bad_svid",
         "no_certificate",
     ] {
-        let n = eventually(Duration::from_secs(5), reason, || async {
+        let n = eventually(PATIENCE, reason, || async {
             let n = api
                 .metric(
                     "trustline_sidecar_tls_handshakes_total",

@@ -6,8 +6,8 @@
 use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use trustline_tests::mesh::{echo_app, request, Mesh, TD};
-use trustline_tests::{bin, eventually};
+use trustline_tests::mesh::{echo_app, echo_app_counting_slow, request, Mesh, TD};
+use trustline_tests::{bin, eventually, PATIENCE};
 
 fn route(up: std::net::SocketAddr) -> String {
     format!(
@@ -54,7 +54,7 @@ rules:
 
     // A valid token for the audience. The JWT bundle arrives on its own stream: allow a moment.
     let good = mint(&format!("{TD}/web"), "api", "5m");
-    let r = eventually(Duration::from_secs(10), "the JWT bundle", || async {
+    let r = eventually(PATIENCE, "the JWT bundle", || async {
         let r = request(w, "GET", "api", "/x", &[("authorization", &bearer(&good))], "")
             .await
             .unwrap();
@@ -173,7 +173,7 @@ async fn opaque_tcp_authorizes_the_peer_id_only() {
     let msg = vec![7u8; 100_000];
     s.write_all(&msg).await.unwrap();
     let mut got = vec![0u8; msg.len()];
-    tokio::time::timeout(Duration::from_secs(10), s.read_exact(&mut got))
+    tokio::time::timeout(PATIENCE, s.read_exact(&mut got))
         .await
         .unwrap()
         .unwrap();
@@ -183,7 +183,7 @@ async fn opaque_tcp_authorizes_the_peer_id_only() {
     let mut s = tokio::net::TcpStream::connect(batch.outbound[0]).await.unwrap();
     let _ = s.write_all(b"hello").await;
     let mut buf = [0u8; 8];
-    let n = tokio::time::timeout(Duration::from_secs(10), s.read(&mut buf))
+    let n = tokio::time::timeout(PATIENCE, s.read(&mut buf))
         .await
         .unwrap()
         .unwrap_or(0);
@@ -201,7 +201,7 @@ async fn opaque_tcp_authorizes_the_peer_id_only() {
 #[tokio::test(flavor = "multi_thread")]
 async fn limits_and_graceful_drain() {
     let mesh = Mesh::start("");
-    let app = echo_app().await;
+    let (app, slow_started) = echo_app_counting_slow().await;
     let mut api = mesh.sidecar(
         "api",
         &format!(
@@ -231,7 +231,11 @@ async fn limits_and_graceful_drain() {
 
     // SIGTERM while a request is in flight: it completes; then the listener is gone.
     let slow = tokio::spawn(async move { request(w, "GET", "api", "/slow", &[], "").await });
-    tokio::time::sleep(Duration::from_millis(400)).await;
+    eventually(PATIENCE, "the slow request to reach the app", || {
+        let n = slow_started.load(std::sync::atomic::Ordering::SeqCst);
+        async move { (n > 0).then_some(()) }
+    })
+    .await;
     let pid = api.pid().unwrap();
     std::process::Command::new("kill")
         .arg("-TERM")

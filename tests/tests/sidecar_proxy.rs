@@ -6,8 +6,8 @@
 
 use std::time::Duration;
 
-use trustline_tests::eventually;
 use trustline_tests::mesh::{echo_app, request, Mesh, TD};
+use trustline_tests::{eventually, PATIENCE};
 
 const ALLOW: &str = r#"
 name: allow-web-and-batch
@@ -162,24 +162,55 @@ async fn policy_decides_every_proxied_request() {
             .await
             .unwrap();
         let mut buf = vec![0u8; 1024];
-        let n = tokio::time::timeout(Duration::from_secs(10), s.read(&mut buf))
+        let n = tokio::time::timeout(PATIENCE, s.read(&mut buf))
             .await
             .unwrap()
             .unwrap();
         let head = String::from_utf8_lossy(&buf[..n]).to_string();
         assert!(head.starts_with("HTTP/1.1 101"), "{head}");
-        s.write_all(b"ping through the tunnel").await.unwrap();
-        let mut got = Vec::new();
-        while got.len() < 23 {
-            let n = tokio::time::timeout(Duration::from_secs(10), s.read(&mut buf))
+        // Each message comes back whole through the tunnel (read_exact fails if it closes first), also after a
+        // pause: a quiet tunnel is not an idle HTTP connection.
+        for (msg, pause) in [(&b"ping through the tunnel"[..], 0), (&b"still there"[..], 300)] {
+            tokio::time::sleep(Duration::from_millis(pause)).await;
+            s.write_all(msg).await.unwrap();
+            let mut got = vec![0u8; msg.len()];
+            tokio::time::timeout(PATIENCE, s.read_exact(&mut got))
                 .await
                 .unwrap()
                 .unwrap();
-            assert!(n > 0, "tunnel closed early");
-            got.extend_from_slice(&buf[..n]);
+            assert_eq!(got, msg);
         }
-        assert_eq!(got, b"ping through the tunnel");
     }
+
+    // Keep-alive between the sidecars survives idleness: after a pause long enough for `api` to park the
+    // pooled connection (no buffers, no task), the next request reuses it (no new handshake).
+    let handshakes = || {
+        api.metric(
+            "trustline_sidecar_tls_handshakes_total",
+            &[("direction", "inbound"), ("outcome", "ok")],
+        )
+    };
+    assert_eq!(
+        request(w, "GET", "api", "/api/items", &[], "")
+            .await
+            .unwrap()
+            .status,
+        200
+    );
+    let before = handshakes().await;
+    for _ in 0..3 {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let r = request(w, "POST", "api", "/api/items", &[], "after a pause")
+            .await
+            .unwrap();
+        assert_eq!(r.status, 200, "{}", r.body);
+        assert_eq!(r.json()["body_len"], 13);
+    }
+    assert_eq!(
+        handshakes().await,
+        before,
+        "the pooled connection was reused after parking"
+    );
 
     // Metrics: requests by direction and decision, handshakes by key exchange group.
     assert!(
@@ -252,7 +283,7 @@ async fn policy_hot_reload_takes_valid_changes_and_keeps_the_last_good_set() {
         "name: only-batch\naction: ALLOW\nrules:\n  - from:\n      - source:\n          principals: [\"spiffe://example.org/batch\"]\n",
     )
     .unwrap();
-    eventually(Duration::from_secs(10), "the new policy in force", || async {
+    eventually(PATIENCE, "the new policy in force", || async {
         (request(w, "GET", "api", "/anything", &[], "")
             .await
             .unwrap()
@@ -268,7 +299,7 @@ async fn policy_hot_reload_takes_valid_changes_and_keeps_the_last_good_set() {
         "name: web-and-batch\naction: ALLOW\nrules:\n  - from:\n      - source:\n          principals: [\"spiffe://example.org/batch\", \"spiffe://example.org/web\"]\n",
     )
     .unwrap();
-    eventually(Duration::from_secs(10), "the second policy in force", || async {
+    eventually(PATIENCE, "the second policy in force", || async {
         (request(w, "GET", "api", "/anything", &[], "")
             .await
             .unwrap()
@@ -284,7 +315,7 @@ async fn policy_hot_reload_takes_valid_changes_and_keeps_the_last_good_set() {
         "name: broken\naction: ALLOW\nrules:\n  - from:\n      - source:\n          principalz: [\"x\"]\n",
     )
     .unwrap();
-    eventually(Duration::from_secs(10), "the refusal", || async {
+    eventually(PATIENCE, "the refusal", || async {
         (api.metric(
             "trustline_sidecar_policy_reloads_total",
             &[("result", "rejected")],

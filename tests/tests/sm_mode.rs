@@ -307,15 +307,11 @@ async fn sidecars_of_an_sm_mode_trust_domain_speak_sm_tls() {
     };
     let dir = log_dir.to_str().unwrap();
     let key = log_key.to_str().unwrap();
-    let found = trustline_tests::eventually(
-        std::time::Duration::from_secs(10),
-        "the encrypted record",
-        || async {
-            let o = audit(&["query", "--log-key", key, "--path", "/hello", dir]);
-            let out = String::from_utf8_lossy(&o.stdout).into_owned();
-            (o.status.success() && out.contains("spiffe://example.org/web")).then_some(out)
-        },
-    )
+    let found = trustline_tests::eventually(trustline_tests::PATIENCE, "the encrypted record", || async {
+        let o = audit(&["query", "--log-key", key, "--path", "/hello", dir]);
+        let out = String::from_utf8_lossy(&o.stdout).into_owned();
+        (o.status.success() && out.contains("spiffe://example.org/web")).then_some(out)
+    })
     .await;
     assert!(found.contains("\"allow\""), "{found}");
     let o = audit(&["query", dir]);
@@ -344,7 +340,7 @@ async fn sidecars_of_an_sm_mode_trust_domain_speak_sm_tls() {
     let tcp = tokio::net::TcpStream::connect(api.inbound[0]).await.unwrap();
     let name = rustls::pki_types::ServerName::try_from("api").unwrap();
     let res = tokio::time::timeout(
-        std::time::Duration::from_secs(10),
+        trustline_tests::PATIENCE,
         tokio_rustls::TlsConnector::from(std::sync::Arc::new(cfg)).connect(name, tcp),
     )
     .await

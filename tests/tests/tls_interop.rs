@@ -4,12 +4,11 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::io::{Read, Write};
+use std::io::Write;
 use std::process::{Command, Stdio};
-use std::time::Duration;
 
-use trustline_tests::free_port;
 use trustline_tests::mesh::{echo_app, request, Mesh, TD};
+use trustline_tests::{spawn_ready, PATIENCE};
 
 /// Mints an SVID for `name`; returns (cert chain PEM path, key PEM path, bundle PEM path).
 fn svid_files(mesh: &Mesh, name: &str) -> (std::path::PathBuf, std::path::PathBuf, std::path::PathBuf) {
@@ -76,37 +75,34 @@ async fn openssl_peers_speak_mutual_tls_1_3_with_the_sidecar() {
 
     // 2. outbound sidecar -> openssl s_server, which requires our client certificate.
     let (scert, skey, sbundle) = svid_files(&mesh, "ossl-server");
-    let port = free_port();
-    let mut server = Command::new("openssl")
-        .args([
-            "s_server",
-            "-tls1_3",
-            "-www",
-            "-Verify",
-            "2",
-            "-verify_return_error",
-        ])
-        .arg("-accept")
-        .arg(format!("127.0.0.1:{port}"))
-        .arg("-cert")
-        .arg(&scert)
-        .arg("-key")
-        .arg(&skey)
-        .arg("-CAfile")
-        .arg(&sbundle)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    // Port 0: s_server prints `ACCEPT 127.0.0.1:PORT` with the port it bound once it listens.
+    let mut cmd = Command::new("openssl");
+    cmd.args([
+        "s_server",
+        "-tls1_3",
+        "-www",
+        "-Verify",
+        "2",
+        "-verify_return_error",
+    ])
+    .arg("-accept")
+    .arg("127.0.0.1:0")
+    .arg("-cert")
+    .arg(&scert)
+    .arg("-key")
+    .arg(&skey)
+    .arg("-CAfile")
+    .arg(&sbundle);
+    let (mut server, accept, server_err) = spawn_ready(cmd, "ACCEPT ");
+    let upstream = accept.trim_start_matches("ACCEPT ").trim();
     let web = mesh.sidecar(
         "web",
         &format!(
-            "[[outbound]]\nlisten = \"127.0.0.1:0\"\n[[outbound.route]]\nhost = \"ossl\"\nupstream = \"127.0.0.1:{port}\"\nspiffe_ids = [\"{TD}/ossl-server\"]\n"
+            "[[outbound]]\nlisten = \"127.0.0.1:0\"\n[[outbound.route]]\nhost = \"ossl\"\nupstream = \"{upstream}\"\nspiffe_ids = [\"{TD}/ossl-server\"]\n"
         ),
         &[],
     );
-    let r = trustline_tests::eventually(Duration::from_secs(10), "openssl s_server answering", || async {
+    let r = trustline_tests::eventually(PATIENCE, "openssl s_server answering", || async {
         request(web.outbound[0], "GET", "ossl", "/", &[], "")
             .await
             .ok()
@@ -117,9 +113,8 @@ async fn openssl_peers_speak_mutual_tls_1_3_with_the_sidecar() {
     assert!(r.body.contains("TLSv1.3"), "{}", r.body);
     assert!(r.body.contains("Client certificate"), "{}", r.body);
     let _ = server.kill();
-    let mut err = String::new();
-    let _ = server.stderr.take().unwrap().read_to_string(&mut err);
     let _ = server.wait();
+    let err = server_err.lock().unwrap().join("\n");
     assert!(
         web.metric(
             "trustline_sidecar_tls_handshakes_total",

@@ -2,7 +2,7 @@
 //! CA, an agent and three services behind sidecars, makes an allowed, a denied and a chained request, and points
 //! at the accountability logs with a `trace` command that works; `trustline-ca quickstart` does the same with the
 //! separate binaries. State is reused on the next run, and a component that cannot start is named with its reason.
-//! (One test function: the tour's web sidecar listens on the fixed port 15001.)
+//! (The tests take turns: the tour's web sidecar listens on the fixed port 15001, its CA on 8081.)
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -64,8 +64,18 @@ fn run_printed(line: &str) -> String {
     stdout
 }
 
+/// Held by each test: one `up` at a time (fixed ports).
+static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn one_at_a_time() -> std::sync::MutexGuard<'static, ()> {
+    ONE_AT_A_TIME
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 #[test]
 fn up_brings_up_a_local_mesh_and_shows_policy_chain_and_log() {
+    let _turn = one_at_a_time();
     let tmp = tempfile::tempdir().unwrap();
     let state = tmp.path().join("state");
 
@@ -113,38 +123,11 @@ fn up_brings_up_a_local_mesh_and_shows_policy_chain_and_log() {
 
     // 4. Serving until Ctrl-C: SIGINT stops every process it started, and it says so.
     let serve_dir = tmp.path().join("serve");
-    let mut child = Command::new(bin("trustline"))
-        .args(["up", "--dir"])
-        .arg(&serve_dir)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut out = std::io::BufReader::new(child.stdout.take().unwrap());
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
-    let mut line = String::new();
-    loop {
-        line.clear();
-        assert!(std::time::Instant::now() < deadline, "no 'Serving until Ctrl-C'");
-        if std::io::BufRead::read_line(&mut out, &mut line).unwrap() == 0 {
-            panic!("up exited before serving");
-        }
-        if line.contains("Serving until Ctrl-C") {
-            break;
-        }
-    }
+    let mut up = Up::start(&serve_dir);
+    up.wait_for(|l| l.contains("Serving until Ctrl-C"));
     let started = processes_under(&serve_dir);
     assert!(started >= 4, "agent and three sidecars running: {started}");
-    let pid = child.id().to_string();
-    assert!(Command::new("kill")
-        .args(["-INT", &pid])
-        .status()
-        .unwrap()
-        .success());
-    let mut rest = String::new();
-    std::io::Read::read_to_string(&mut out, &mut rest).unwrap();
-    let status = child.wait().unwrap();
+    let (status, rest) = up.signal_and_wait("-INT");
     assert!(status.success(), "{status:?}: {rest}");
     assert!(rest.contains("stopped"), "{rest}");
     assert_eq!(processes_under(&serve_dir), 0, "every process it started is gone");
@@ -162,19 +145,165 @@ fn up_brings_up_a_local_mesh_and_shows_policy_chain_and_log() {
     );
 }
 
-/// How many processes have `dir` in their command line (the agent and sidecars of one `up`).
+/// Ctrl-C at any moment of the start-up (right after the first child is forked, after each ready line) stops
+/// everything that had started, and `up` exits on its own with a clear message instead of dying of the signal; a
+/// `kill -9` of `up` takes its children with it. (Fails without the eager signal handlers and the children's
+/// parent-death signal: the SIGINT right after a ready line killed `up` and left its agent and sidecars running.)
+#[test]
+fn ctrl_c_or_kill_9_at_any_moment_leaves_no_process_behind() {
+    let _turn = one_at_a_time();
+    let tmp = tempfile::tempdir().unwrap();
+    type Moment = (&'static str, fn(&mut Up, &std::path::Path));
+    let moments: [Moment; 4] = [
+        ("as soon as the agent is forked", |_, dir| {
+            // `up` itself, and the agent.
+            wait_until("the agent process", || processes_under(dir) >= 2)
+        }),
+        ("after the agent's ready line", |up, _| {
+            up.wait_for(|l| l.starts_with("[ok] identity agent attested"))
+        }),
+        ("after the first sidecar's ready line", |up, _| {
+            up.wait_for(|l| l.starts_with("[ok] payments sidecar"))
+        }),
+        ("after the tour's requests", |up, _| {
+            up.wait_for(|l| l.starts_with("Accountability logs"))
+        }),
+    ];
+    for (i, (when, wait)) in moments.into_iter().enumerate() {
+        let dir = tmp.path().join(format!("int-{i}"));
+        let mut up = Up::start(&dir);
+        wait(&mut up, &dir);
+        let (status, rest) = up.signal_and_wait("-INT");
+        assert!(
+            status.code().is_some(),
+            "SIGINT {when}: up died of the signal ({status:?}) instead of stopping: {rest}"
+        );
+        assert!(rest.contains("stopped"), "SIGINT {when}: {rest}");
+        assert_eq!(processes_under(&dir), 0, "SIGINT {when}: processes left");
+    }
+
+    // kill -9 of `up` while it serves: the kernel tells the children, and they stop (they drain first).
+    let dir = tmp.path().join("kill-9");
+    let mut up = Up::start(&dir);
+    up.wait_for(|l| l.contains("Serving until Ctrl-C"));
+    assert!(processes_under(&dir) >= 4);
+    let (status, _) = up.signal_and_wait("-KILL");
+    assert!(status.code().is_none(), "{status:?}");
+    let gone = poll_until(|| processes_under(&dir) == 0);
+    let left = kill_under(&dir);
+    assert!(gone, "kill -9 of up left {left} processes running");
+}
+
+/// A `trustline up` serving until Ctrl-C, with its stdout read line by line.
+struct Up {
+    child: std::process::Child,
+    lines: std::sync::mpsc::Receiver<String>,
+    seen: String,
+}
+
+impl Up {
+    fn start(dir: &std::path::Path) -> Up {
+        let mut child = Command::new(bin("trustline"))
+            .args(["up", "--dir"])
+            .arg(dir)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let out = child.stdout.take().unwrap();
+        let (tx, lines) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for l in std::io::BufRead::lines(std::io::BufReader::new(out)).map_while(Result::ok) {
+                if tx.send(l).is_err() {
+                    break;
+                }
+            }
+        });
+        Up {
+            child,
+            lines,
+            seen: String::new(),
+        }
+    }
+
+    /// Reads lines until one matches (bounded generously: a busy machine is slow, a stuck one is not waited on
+    /// forever).
+    fn wait_for(&mut self, matches: impl Fn(&str) -> bool) {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(300);
+        loop {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(l) => {
+                    self.seen.push_str(&l);
+                    self.seen.push('\n');
+                    if matches(&l) {
+                        return;
+                    }
+                }
+                Err(e) => {
+                    let _ = self.child.kill();
+                    panic!("up: no such line ({e}); it printed:\n{}", self.seen);
+                }
+            }
+        }
+    }
+
+    /// Sends `signal` (a `kill` flag) and waits for `up` to exit; returns its status and what it printed after.
+    fn signal_and_wait(mut self, signal: &str) -> (std::process::ExitStatus, String) {
+        let pid = self.child.id().to_string();
+        assert!(Command::new("kill")
+            .args([signal, &pid])
+            .status()
+            .unwrap()
+            .success());
+        let status = self.child.wait().unwrap();
+        let rest: Vec<String> = self.lines.iter().collect();
+        (status, rest.join("\n"))
+    }
+}
+
+/// Polls `cond` every 10 ms, for at most 5 minutes; whether it came true.
+fn poll_until(cond: impl Fn() -> bool) -> bool {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(300);
+    while !cond() {
+        if std::time::Instant::now() > deadline {
+            return false;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    true
+}
+
+fn wait_until(what: &str, cond: impl Fn() -> bool) {
+    assert!(poll_until(cond), "timed out waiting for {what}");
+}
+
+/// Kills (SIGKILL) every process with `dir` in its command line, so a failing test leaves none behind; how many.
+fn kill_under(dir: &std::path::Path) -> usize {
+    let pids = pids_under(dir);
+    for pid in &pids {
+        let _ = Command::new("kill").args(["-KILL", pid]).status();
+    }
+    pids.len()
+}
+
+/// How many processes have `dir` in their command line (the agent and sidecars of one `up`, and `up`).
 fn processes_under(dir: &std::path::Path) -> usize {
+    pids_under(dir).len()
+}
+
+/// The pids of the processes with `dir` in their command line.
+fn pids_under(dir: &std::path::Path) -> Vec<String> {
     let needle = dir.display().to_string();
     std::fs::read_dir("/proc")
         .unwrap()
         .filter_map(|e| e.ok())
-        .filter(|e| {
-            e.file_name()
-                .to_string_lossy()
-                .chars()
-                .all(|c| c.is_ascii_digit())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|pid| pid.chars().all(|c| c.is_ascii_digit()))
+        .filter(|pid| {
+            std::fs::read(format!("/proc/{pid}/cmdline"))
+                .is_ok_and(|c| String::from_utf8_lossy(&c).contains(&needle))
         })
-        .filter_map(|e| std::fs::read(e.path().join("cmdline")).ok())
-        .filter(|c| String::from_utf8_lossy(c).contains(&needle))
-        .count()
+        .collect()
 }
