@@ -433,4 +433,35 @@ mod tests {
             Err(TargetError::DuplicateHost { count: 2 })
         ));
     }
+
+    /// Random paths from the characters that matter: whatever is accepted comes out canonical (normalizing it
+    /// again changes nothing) and holds no spelling that an app could read as another path.
+    #[test]
+    fn accepted_paths_come_out_canonical_and_stable() {
+        const ALPHABET: &[u8] = b"/./%2eEfF5cC6a1;\\x";
+        let mut seed: u64 = 0x9e37_79b9_7f4a_7c15;
+        let mut next = || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed
+        };
+        let mut accepted = 0;
+        for _ in 0..200_000 {
+            let len = 1 + (next() % 14) as usize;
+            let mut p = String::from("/");
+            for _ in 0..len {
+                p.push(char::from(ALPHABET[(next() % ALPHABET.len() as u64) as usize]));
+            }
+            let Ok(c) = normalize(&p) else { continue };
+            accepted += 1;
+            assert_eq!(normalize(&c).unwrap(), c, "{p:?} -> {c:?} is not stable");
+            assert!(c.starts_with('/'), "{p:?} -> {c:?}");
+            for bad in ["//", "/./", "/../", "\\", "%2f", "%2F", "%5c", "%5C"] {
+                assert!(!c.contains(bad), "{p:?} -> {c:?} holds {bad:?}");
+            }
+            assert!(!c.ends_with("/.") && !c.ends_with("/.."), "{p:?} -> {c:?}");
+        }
+        assert!(accepted > 10_000, "{accepted}");
+    }
 }

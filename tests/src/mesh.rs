@@ -281,8 +281,8 @@ pub fn pooled_client(
     hyper_util::client::legacy::Client::builder(TokioExecutor::new()).build_http()
 }
 
-/// An in-process app on loopback: answers every request with JSON describing it (method, path, version,
-/// headers, body length); a path ending in `/slow` answers after 1.5 s; one ending in `/ws` with `Upgrade` switches protocols and echoes bytes.
+/// An in-process app on loopback: answers every request with JSON describing it (method, path, the target as
+/// received, every Host and x-forwarded-client-cert value, version, headers, body length); a path ending in `/slow` answers after 1.5 s; one ending in `/ws` with `Upgrade` switches protocols and echoes bytes.
 pub async fn echo_app() -> SocketAddr {
     echo_app_counting_slow().await.0
 }
@@ -329,6 +329,19 @@ pub async fn echo_app_counting_slow() -> (SocketAddr, Arc<AtomicU64>) {
                             .collect();
                         let method = req.method().to_string();
                         let path = req.uri().path().to_owned();
+                        let uri = req.uri().to_string();
+                        let hosts: Vec<String> = req
+                            .headers()
+                            .get_all("host")
+                            .iter()
+                            .map(|v| v.to_str().unwrap_or_default().to_owned())
+                            .collect();
+                        let xfcc: Vec<String> = req
+                            .headers()
+                            .get_all("x-forwarded-client-cert")
+                            .iter()
+                            .map(|v| v.to_str().unwrap_or_default().to_owned())
+                            .collect();
                         let version = format!("{:?}", req.version());
                         let body = req
                             .into_body()
@@ -337,7 +350,8 @@ pub async fn echo_app_counting_slow() -> (SocketAddr, Arc<AtomicU64>) {
                             .map(|b| b.to_bytes().len())
                             .unwrap_or(0);
                         let j = serde_json::json!({
-                            "method": method, "path": path, "version": version, "headers": headers, "body_len": body,
+                            "method": method, "path": path, "uri": uri, "hosts": hosts, "xfcc": xfcc,
+                            "version": version, "headers": headers, "body_len": body,
                         });
                         Ok(http::Response::builder()
                             .header("content-type", "application/json")
