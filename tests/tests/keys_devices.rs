@@ -74,11 +74,13 @@ fn the_ca_signs_with_keys_that_live_in_a_pkcs11_token() {
     };
     let tmp = tempfile::tempdir().unwrap();
     // A token of our own: SoftHSM2 reads its token folder from SOFTHSM2_CONF.
-    let conf = trustline_hsm::pkcs11::softhsm_token(tmp.path(), "trustline-ca", "1234").unwrap();
+    // A PIN no log line can contain by chance (a port, a pid or a serial could contain "1234").
+    const PIN: &str = "pin-Zq7vKx";
+    let conf = trustline_hsm::pkcs11::softhsm_token(tmp.path(), "trustline-ca", PIN).unwrap();
     // This test file holds one test, so the variable is set for the CA processes it starts and nothing else.
     std::env::set_var("SOFTHSM2_CONF", &conf);
     let pin = tmp.path().join("pin");
-    std::fs::write(&pin, "1234\n").unwrap();
+    std::fs::write(&pin, format!("{PIN}\n")).unwrap();
     // A PIN file others can read is refused (like key files), naming it.
     let loose = trustline_hsm::pkcs11::pin_from_file(&pin)
         .unwrap_err()
@@ -97,7 +99,7 @@ fn the_ca_signs_with_keys_that_live_in_a_pkcs11_token() {
 
     // The token now holds the CA's keys; the PIN never appears in the CA's logs.
     let logs = ca.logs.lock().unwrap().join("\n");
-    assert!(!logs.contains("1234"), "PIN in logs");
+    assert!(!logs.contains(PIN), "PIN in logs");
     let listing = std::process::Command::new("softhsm2-util")
         .arg("--show-slots")
         .env("SOFTHSM2_CONF", &conf)
@@ -166,7 +168,7 @@ fn the_ca_signs_with_keys_that_live_in_a_pkcs11_token() {
             "--id",
             "a1",
             "--pin",
-            "1234",
+            PIN,
         ]));
     let ex_dir = tmp.path().join("ca-existing");
     let ex_cfg = cfg
@@ -227,7 +229,7 @@ fn the_ca_signs_with_keys_that_live_in_a_pkcs11_token() {
     drop(rsa_ca);
 
     // A wrong PIN is a clear, one-line startup error naming the field, without the PIN.
-    std::fs::write(&pin, "9999\n").unwrap();
+    std::fs::write(&pin, "wrong-pin-Jw3\n").unwrap();
     let cfg_path = dir.join("ca.toml");
     let out = std::process::Command::new(trustline_tests::bin("trustline-ca"))
         .args(["run", "--config"])
@@ -237,7 +239,7 @@ fn the_ca_signs_with_keys_that_live_in_a_pkcs11_token() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
     assert!(
-        err.contains("keys.pkcs11") && err.contains("login") && !err.contains("9999"),
+        err.contains("keys.pkcs11") && err.contains("login") && !err.contains("wrong-pin-Jw3"),
         "{err}"
     );
 }
