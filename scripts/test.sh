@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Runs every Trustline test. Installs what the tests need when missing (Debian packages: postgresql, openssl,
-# chromium, softhsm2, swtpm, libtss2-dev, libssl-dev, cmake, clang), starts a throwaway PostgreSQL on loopback for
-# the store tests, and prints cargo's own summary lines.
+# chromium, softhsm2, swtpm, libtss2-dev, libssl-dev, cmake, clang, strace), starts a throwaway PostgreSQL on
+# loopback for the store tests, and prints cargo's own summary lines.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -33,6 +33,8 @@ command -v openssl >/dev/null || need_apt+=(openssl)
 # swtpm is the TPM 2.0 of the TPM tests; libtss2-dev (found through pkg-config) builds the `tpm` feature.
 command -v swtpm >/dev/null || need_apt+=(swtpm swtpm-tools)
 command -v pkg-config >/dev/null || need_apt+=(pkg-config)
+# strace traces a workload in the agent's attestation tests (a traced caller gets no identity by binary).
+command -v strace >/dev/null || need_apt+=(strace)
 pkg-config --exists tss2-esys 2>/dev/null || need_apt+=(libtss2-dev)
 # The national algorithms (SM2/SM3/SM4, cargo feature `sm`) link Debian's OpenSSL 3.
 pkg-config --exists openssl 2>/dev/null || need_apt+=(libssl-dev)
@@ -106,6 +108,12 @@ export TRUSTLINE_TEST_TONGSUO="${CARGO_TARGET_DIR:-$PWD/target}/tongsuo/bin/open
 # The TPM 2.0 key backend and the national algorithms are cargo features (they link libtss2 and OpenSSL); the
 # tests build with both.
 FEATURES=(--features trustline-hsm/tpm,trustline-hsm/sm)
+
+# Every parser of untrusted bytes, fuzzed briefly (coverage-guided, from the checked-in seeds): a crash fails the
+# run and prints its reproducer. TRUSTLINE_FUZZ_SECONDS per target (default 15: under 5 minutes for all);
+# scripts/fuzz.sh runs them longer.
+echo "== scripts/fuzz.sh ${TRUSTLINE_FUZZ_SECONDS:-15}"
+scripts/fuzz.sh "${TRUSTLINE_FUZZ_SECONDS:-15}"
 
 # End-to-end tests run the real binaries: build them first.
 echo "== cargo build --workspace --bins ${FEATURES[*]}"

@@ -199,11 +199,17 @@ pub async fn verify(client: &Client, name: &str, bundle: Option<&TrustBundle>) -
         if stored.len() == 32 {
             hash.copy_from_slice(&stored);
         }
-        if seq != expected {
+        if seq > expected {
             r.findings.push(Finding::Removed {
                 segment: place.clone(),
                 from: expected,
                 to: seq - 1,
+            });
+        } else if seq < expected {
+            r.findings.push(Finding::Reordered {
+                segment: place.clone(),
+                found: seq,
+                expected,
             });
         } else if chain_hash(&prev, &body) != hash {
             r.findings.push(Finding::Altered {
@@ -229,7 +235,7 @@ pub async fn verify(client: &Client, name: &str, bundle: Option<&TrustBundle>) -
         }
         hashes.insert(seq, hash);
         prev = hash;
-        expected = seq + 1;
+        expected = seq.saturating_add(1);
     }
     r.uncovered = since;
     Ok(r)

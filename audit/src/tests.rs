@@ -393,3 +393,26 @@ fn a_full_queue_refuses_records_and_takes_them_again_once_drained() {
     }
     log.close();
 }
+
+/// Found by the `audit_segment` fuzz target: a segment whose sequence numbers reach `u64::MAX` made verify panic
+/// (`attempt to add with overflow`; a silent wrap in release builds). Verify now reports it, and recovery treats
+/// the frame that claims the last number as the torn tail.
+#[test]
+fn sequence_numbers_at_the_end_of_u64_are_findings_not_panics() {
+    use crate::format::{encode_frame, header, segment_name, KIND_RECORD};
+    let d = tempfile::tempdir().unwrap();
+    let first = u64::MAX - 1;
+    let mut bytes = header(first, &[0u8; 32]).to_vec();
+    let mut prev = [0u8; 32];
+    for seq in [first, u64::MAX, u64::MAX, 3] {
+        prev = encode_frame(&mut bytes, &prev, KIND_RECORD, seq, b"{}");
+    }
+    std::fs::write(d.path().join(segment_name(first)), &bytes).unwrap();
+    let report = verify(d.path(), None).unwrap();
+    assert!(!report.ok(), "{report:?}");
+    let _ = verify::records(d.path(), None);
+    // Recovery keeps the first record and cuts from the frame that claims u64::MAX.
+    let (log, recovery) = Log::open(LogConfig::new(d.path().to_owned()), None).unwrap();
+    assert!(recovery.truncated_bytes > 0, "{recovery:?}");
+    drop(log);
+}

@@ -260,7 +260,7 @@ pub fn verify(dir: &Path, bundle: Option<&TrustBundle>) -> Result<Report, LogErr
                         count(&mut r, fr.kind, &mut since_checkpoint);
                         recent.push_back((fr.seq, fr.hash));
                     }
-                    expected_seq += 2;
+                    expected_seq = expected_seq.saturating_add(2);
                     i += 2;
                     continue;
                 }
@@ -279,7 +279,7 @@ pub fn verify(dir: &Path, bundle: Option<&TrustBundle>) -> Result<Report, LogErr
                 }
                 // Resynchronise on the stored hash so later problems are reported on their own.
                 prev = f.hash;
-                expected_seq = f.seq + 1;
+                expected_seq = f.seq.saturating_add(1);
                 count(&mut r, f.kind, &mut since_checkpoint);
                 recent.push_back((f.seq, f.hash));
                 i += 1;
@@ -311,7 +311,7 @@ pub fn verify(dir: &Path, bundle: Option<&TrustBundle>) -> Result<Report, LogErr
             if recent.len() > 1 << 20 {
                 recent.pop_front();
             }
-            expected_seq += 1;
+            expected_seq = expected_seq.saturating_add(1);
             i += 1;
         }
     }

@@ -249,7 +249,8 @@ fn recover(dir: &Path) -> Result<(Tail, Recovery), LogError> {
     let mut off = HEADER_LEN;
     // Keep every complete frame whose hash chains; the first that does not is where the tail tore.
     while let Some(f) = decode_frame(&bytes, off) {
-        if f.seq != next_seq || crate::format::chain_hash(&prev, f.body) != f.hash {
+        // The last sequence number is never written (see `take`): a frame claiming it is torn or crafted.
+        if f.seq != next_seq || f.seq == u64::MAX || crate::format::chain_hash(&prev, f.body) != f.hash {
             break;
         }
         prev = f.hash;
@@ -450,6 +451,17 @@ impl Writer {
         self.stats.in_queue.fetch_sub(1, Ordering::AcqRel);
         let Msg::Record(payload, waiter) = m;
         let seq = self.tail.next_seq;
+        // A log that reached the last sequence number (only a crafted segment can get there) takes nothing more:
+        // a wrapped number would chain a record to the wrong place.
+        if seq == u64::MAX {
+            let msg = format!("sequence numbers exhausted at {seq}: start a new log");
+            tracing::error!(error = %msg, "accountability log record refused");
+            *self.stats.last_error.lock().unwrap_or_else(|p| p.into_inner()) = Some(msg.clone());
+            if let Some(w) = waiter {
+                let _ = w.send(Err(AppendError::Failed(msg)));
+            }
+            return;
+        }
         let (kind, payload) = match &self.cfg.encryption {
             None => (KIND_RECORD, payload),
             Some(key) => match key.seal(seq, &payload) {
@@ -595,6 +607,9 @@ impl Writer {
             return;
         };
         let seq = self.tail.next_seq;
+        if seq == u64::MAX {
+            return;
+        }
         self.tail.prev = encode_frame(&mut self.buf, &self.tail.prev, KIND_CHECKPOINT, seq, &payload);
         self.tail.next_seq += 1;
         self.since_checkpoint = 0;

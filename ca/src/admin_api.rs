@@ -381,6 +381,11 @@ impl Admin for AdminApi {
         let r = req.into_inner();
         let id =
             parse_workload_id("spiffe_id", &r.spiffe_id, &self.ca.td).map_err(|e| self.fail(e.into()))?;
+        // An X.509-SVID for an agent's ID would authenticate to the agent API as that node.
+        self.ca
+            .check_not_agent_id("spiffe_id", &id.to_string())
+            .await
+            .map_err(|e| self.fail(e))?;
         for d in &r.dns_names {
             crate::x509::check_dns_name(d).map_err(|e| self.fail(e.into()))?;
         }
@@ -412,6 +417,10 @@ impl Admin for AdminApi {
         let id = parse_spiffe_id("spiffe_id", &r.spiffe_id).map_err(|e| self.fail(e.into()))?;
         let id =
             parse_workload_id("spiffe_id", &id.to_string(), &self.ca.td).map_err(|e| self.fail(e.into()))?;
+        self.ca
+            .check_not_agent_id("spiffe_id", &id.to_string())
+            .await
+            .map_err(|e| self.fail(e))?;
         let ttl = ttl("ttl", r.ttl, self.ca.defaults.jwt_ttl).map_err(|e| self.fail(e))?;
         let minted = self
             .ca

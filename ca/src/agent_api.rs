@@ -300,6 +300,7 @@ impl Agent for AgentApi {
         req: Request<pb::WatchUpdatesRequest>,
     ) -> Result<Response<WatchStream>, Status> {
         let id = self.agent(&req).await?;
+        tracing::info!(agent = %id, "agent update stream opened");
         let (tx, rx) = mpsc::channel(4);
         let ca = self.ca.clone();
         tokio::spawn(async move {

@@ -143,7 +143,7 @@ enum EntryCmd {
     },
     /// List entries.
     ///
-    /// Example: trustline-ca entry list --parent-id spiffe://example.org/node1 --output json
+    /// Example: trustline-ca entry list --parent-id spiffe://example.org/trustline/agent/web-1 --output json
     List {
         /// Only this SPIFFE ID.
         #[arg(long = "spiffe-id")]
@@ -181,12 +181,13 @@ enum EntryCmd {
 enum TokenCmd {
     /// Generate a one-time join token.
     ///
-    /// Example: trustline-ca token generate --ttl 10m --spiffe-id spiffe://example.org/node/web-1
+    /// Example: trustline-ca token generate --ttl 10m --spiffe-id spiffe://example.org/trustline/agent/web-1
     Generate {
         /// Token lifetime (default 10m).
         #[arg(long)]
         ttl: Option<String>,
-        /// SPIFFE ID the attested node gets (default .../trustline/agent/join_token/<token>).
+        /// SPIFFE ID the attested node gets, under spiffe://<td>/trustline/agent/ (default
+        /// .../trustline/agent/join_token/<token>).
         #[arg(long = "spiffe-id", visible_alias = "spiffeID")]
         spiffe_id: Option<String>,
         #[arg(long, value_enum, default_value = "pretty")]
@@ -206,7 +207,7 @@ enum AgentCmd {
     /// Evict an agent: its renewals, entry fetches and SVID requests are refused from now on, and its update stream
     /// ends; SVIDs it already holds stay valid until they expire. It can come back only by attesting again.
     ///
-    /// Example: trustline-ca agent evict --spiffe-id spiffe://example.org/node/web-1
+    /// Example: trustline-ca agent evict --spiffe-id spiffe://example.org/trustline/agent/web-1
     Evict {
         /// The agent's SPIFFE ID.
         #[arg(long = "spiffe-id", visible_alias = "spiffeID")]
@@ -868,7 +869,8 @@ async fn quickstart(dir: &Path, exit: bool, ca_only: bool) -> Result<(), CliErro
     let mut shutdown =
         Shutdown::install().map_err(|e| msg(format!("cannot install signal handlers: {e}")))?;
     let ca_dir = dir.join("ca");
-    std::fs::create_dir_all(&ca_dir).map_err(|e| msg(format!("{}: {e}", ca_dir.display())))?;
+    crate::private_files::create_dir_all(&ca_dir).map_err(|e| msg(format!("{}: {e}", ca_dir.display())))?;
+    tighten_own_state(&ca_dir)?;
     let cfg_path = ca_dir.join("ca.toml");
     let key_path = ca_dir.join("seal.key");
     if !key_path.exists() {
@@ -929,6 +931,69 @@ async fn quickstart(dir: &Path, exit: bool, ca_only: bool) -> Result<(), CliErro
     result
 }
 
+/// Takes group and other access away from the CA folder of the tour's own state and the database in it, which
+/// versions before private database files left readable by every local user (0755, 0644): the CA would refuse
+/// them, and they are the tour's own files, so fixing them beats telling the user to. A database the config was
+/// edited to keep elsewhere is not touched here: the CA names it and the `chmod` to run.
+fn tighten_own_state(ca_dir: &Path) -> Result<(), CliError> {
+    let own =
+        std::iter::once(ca_dir.to_owned()).chain(crate::private_files::sqlite_files(&ca_dir.join("ca.db")));
+    for path in own {
+        let was = crate::private_files::tighten(&path)
+            .map_err(|e| msg(format!("making {} private: {e}", path.display())))?;
+        if let Some(mode) = was {
+            println!(
+                "[ok] {} had mode {mode:o} (readable by other users, as older versions left it): now private",
+                path.display()
+            );
+        }
+    }
+    Ok(())
+}
+
+/// The agent ID the tour's node had before agent IDs lived under `spiffe://<td>/trustline/agent/`.
+const OLD_TOUR_NODE: &str = "spiffe://example.org/node/quickstart";
+
+/// State from a version before the reserved agent path: the tour's agent attested as [`OLD_TOUR_NODE`] and would
+/// keep renewing that ID (old agents do), while the tour now registers its services under the new one. The node is
+/// the tour's own, so move it: evict it, drop its entries and the agent's saved SVID, and the mesh attests again
+/// with a fresh join token under the new ID.
+async fn retire_old_tour_node(
+    c: &mut pb::admin_client::AdminClient<tonic::transport::Channel>,
+    dir: &Path,
+) -> Result<(), CliError> {
+    let agents = c.list_agents(pb::ListAgentsRequest {}).await?.into_inner().agents;
+    if !agents.iter().any(|a| a.spiffe_id == OLD_TOUR_NODE) {
+        return Ok(());
+    }
+    c.evict_agent(pb::EvictAgentRequest {
+        spiffe_id: OLD_TOUR_NODE.into(),
+    })
+    .await?;
+    let old = c
+        .list_entries(pb::ListEntriesRequest {
+            parent_id: OLD_TOUR_NODE.into(),
+            ..Default::default()
+        })
+        .await?
+        .into_inner()
+        .entries;
+    for e in old {
+        c.delete_entry(pb::DeleteEntryRequest { id: e.id }).await?;
+    }
+    let saved = dir.join("mesh/agent/agent-svid.json");
+    match std::fs::remove_file(&saved) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(msg(format!("{}: {e}", saved.display()))),
+    }
+    println!(
+        "[ok] the local mesh's agent was {OLD_TOUR_NODE} (an older version): evicted, to attest again under \
+         spiffe://example.org/trustline/agent/, where agent IDs now live"
+    );
+    Ok(())
+}
+
 /// The tour: a first SVID and JWT-SVID, the local mesh (into `mesh`, process by process) and three requests
 /// through it, then what to try next.
 async fn tour(
@@ -987,6 +1052,9 @@ async fn tour(
         "[ok] minted JWT-SVID for audience \"demo\": {}…",
         &jwt.token[..jwt.token.len().min(40)]
     );
+    if !ca_only {
+        retire_old_tour_node(&mut c, dir).await?;
+    }
     let meshed = !ca_only
         && crate::demo_mesh::start(mesh, dir, &running.admin_socket, running.agent_addr, &bundle_path)
             .await

@@ -28,7 +28,7 @@ const READY_TIMEOUT: Duration = Duration::from_secs(90);
 
 /// The fixed address of web's outbound listener, for the tour (`curl -H 'host: api' http://127.0.0.1:15001/...`).
 pub const WEB_OUTBOUND: &str = "127.0.0.1:15001";
-const NODE: &str = "spiffe://example.org/node/quickstart";
+const NODE: &str = "spiffe://example.org/trustline/agent/quickstart";
 
 const ALLOW: &str = "# Written by the local mesh: web may GET and POST under /api/.\n\
 name: web-reads-api\naction: ALLOW\nrules:\n  - from:\n      - source:\n          principals: [\"spiffe://example.org/web\"]\n    to:\n      - operation:\n          methods: [GET, POST]\n          paths: [\"/api/*\"]\n";

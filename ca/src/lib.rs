@@ -19,6 +19,7 @@ pub mod demo_mesh;
 pub mod devid;
 pub mod jwt;
 pub mod metrics;
+pub mod private_files;
 pub mod server;
 pub mod service;
 pub mod store;

@@ -295,18 +295,18 @@ fn classic_server_csr(id_str: &str) -> Result<(Vec<u8>, zeroize::Zeroizing<Vec<u
     Ok((csr.der().to_vec(), zeroize::Zeroizing::new(key.serialize_der())))
 }
 
+/// How long in-flight calls get to finish after shutdown is signalled.
+const SHUTDOWN_DRAIN: Duration = Duration::from_secs(5);
+
 /// Starts everything; returns once listeners are bound, with a future that runs until `shutdown` resolves.
 pub async fn start(
     cfg: Validated,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<(Running, tokio::task::JoinHandle<Result<(), ServerError>>), ServerError> {
+    // The data folder and any missing parent are created 0700 whatever the umask; an existing one is left as is
+    // (the database files in it are checked by the store).
     let data_dir = cfg.raw.data_dir.clone();
-    if !data_dir.exists() {
-        std::fs::create_dir_all(&data_dir).map_err(io_err(&data_dir))?;
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(&data_dir, std::fs::Permissions::from_mode(0o700))
-            .map_err(io_err(&data_dir))?;
-    }
+    crate::private_files::create_dir_all(&data_dir).map_err(io_err(&data_dir))?;
     let keys = open_keystore(&cfg)?;
     let store = Arc::new(open_store(&cfg).await?);
     let upstream = load_upstream(&cfg)?;
@@ -529,11 +529,23 @@ pub async fn start(
         shutdown.await;
         let _ = stop_tx.send(true);
         let mut first_err = None;
+        // Graceful shutdown lets in-flight calls finish, but an agent's update stream never does: after
+        // SHUTDOWN_DRAIN the servers are dropped with their connections (agents reconnect to the next CA), so
+        // SIGTERM always stops the CA.
         for (name, t) in [("agent API", agent_task), ("admin API", admin_task)] {
-            match t.await {
-                Ok(Ok(())) => {}
-                Ok(Err(e)) => first_err = first_err.or(Some(e)),
-                Err(e) => first_err = first_err.or(Some(ServerError::Serve(format!("{name}: {e}")))),
+            let abort = t.abort_handle();
+            match tokio::time::timeout(SHUTDOWN_DRAIN, t).await {
+                Ok(Ok(Ok(()))) => {}
+                Ok(Ok(Err(e))) => first_err = first_err.or(Some(e)),
+                Ok(Err(e)) => first_err = first_err.or(Some(ServerError::Serve(format!("{name}: {e}")))),
+                Err(_) => {
+                    abort.abort();
+                    tracing::info!(
+                        server = name,
+                        drain = ?SHUTDOWN_DRAIN,
+                        "connections still open after the drain (agents' update streams): closed"
+                    );
+                }
             }
         }
         if let Some(h) = health_task {

@@ -7,7 +7,8 @@ use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot, watch};
 use trustline_identity::selector::{Selector, SelectorError};
 use trustline_identity::spiffe_id::{
-    join_token_agent_id, parse_spiffe_id, parse_workload_id, IdError, SpiffeId, TrustDomain,
+    ca_server_id, join_token_agent_id, parse_agent_id, parse_spiffe_id, parse_workload_id,
+    tpm_devid_agent_id, IdError, SpiffeId, TrustDomain,
 };
 
 use crate::authority::{Authority, AuthorityError};
@@ -78,7 +79,9 @@ impl CaError {
                 "not_found"
             }
             Self::Store(StoreError::DuplicateEntry { .. }) => "already_exists",
-            Self::Store(StoreError::TokenNotFound) | Self::Store(StoreError::TokenExpired { .. }) => "token",
+            Self::Store(StoreError::TokenNotFound)
+            | Self::Store(StoreError::TokenExpired { .. })
+            | Self::Store(StoreError::TokenInStoredForm) => "token",
             Self::Store(_) => "store",
             Self::PermissionDenied(_) => "permission_denied",
             Self::Unauthenticated(_) => "unauthenticated",
@@ -102,9 +105,9 @@ impl From<CaError> for tonic::Status {
                 tonic::Status::not_found(msg)
             }
             CaError::Store(StoreError::DuplicateEntry { .. }) => tonic::Status::already_exists(msg),
-            CaError::Store(StoreError::TokenNotFound) | CaError::Store(StoreError::TokenExpired { .. }) => {
-                tonic::Status::permission_denied(msg)
-            }
+            CaError::Store(StoreError::TokenNotFound)
+            | CaError::Store(StoreError::TokenExpired { .. })
+            | CaError::Store(StoreError::TokenInStoredForm) => tonic::Status::permission_denied(msg),
             CaError::PermissionDenied(_) => tonic::Status::permission_denied(msg),
             CaError::Unauthenticated(_) => tonic::Status::unauthenticated(msg),
             CaError::DevId(crate::devid::DevIdError::NotEnabled) => tonic::Status::failed_precondition(msg),
@@ -363,9 +366,25 @@ impl Ca {
         });
     }
 
+    /// Refuses `id` as a workload's SPIFFE ID when it is an agent's: an attested node or the agent ID of an unspent
+    /// join token. (IDs under the reserved agent path, and the CA's own, are refused by [`parse_workload_id`].)
+    /// Agent IDs named before they had to be under the agent path are found here.
+    pub async fn check_not_agent_id(&self, field: &'static str, id: &str) -> Result<(), CaError> {
+        if self.store.is_agent_id(id).await? {
+            return Err(invalid(
+                field,
+                id,
+                "is an agent (node) ID (an attested agent's, or named by an unspent join token); a workload may not \
+                 have it",
+            ));
+        }
+        Ok(())
+    }
+
     /// Creates a registration entry.
     pub async fn create_entry(&self, req: &EntryRequest) -> Result<Entry, CaError> {
         let entry = self.validate_entry(req, random_hex(16)?, now_unix())?;
+        self.check_not_agent_id("spiffe_id", &entry.spiffe_id).await?;
         let stored = self.store.create_entry(&entry).await?;
         self.entries_changed(stored.revision);
         tracing::info!(entry_id = %stored.id, spiffe_id = %stored.spiffe_id, parent_id = %stored.parent_id, "entry created");
@@ -380,6 +399,7 @@ impl Ca {
             .await?
             .ok_or_else(|| StoreError::EntryNotFound(id.to_owned()))?;
         let entry = self.validate_entry(req, existing.id, existing.created_at)?;
+        self.check_not_agent_id("spiffe_id", &entry.spiffe_id).await?;
         let stored = self.store.update_entry(&entry).await?;
         self.entries_changed(stored.revision);
         tracing::info!(entry_id = %stored.id, "entry updated");
@@ -400,7 +420,8 @@ impl Ca {
         Ok(self.store.list_entries(filter).await?)
     }
 
-    /// Creates a one-time join token. `agent_id`: the SPIFFE ID the node will get (default
+    /// Creates a one-time join token. `agent_id`: the SPIFFE ID the node will get, under
+    /// `spiffe://<td>/trustline/agent/`, not the CA's and not a registration entry's (default
     /// `spiffe://<td>/trustline/agent/join_token/<token>`).
     pub async fn generate_join_token(
         &self,
@@ -418,12 +439,9 @@ impl Ca {
         let token = random_hex(16)?;
         let agent_spiffe_id = match agent_id {
             Some(a) if !a.is_empty() => {
-                let id = parse_spiffe_id("spiffe_id", a)?;
-                trustline_identity::spiffe_id::check_member("spiffe_id", a, &id, &self.td)?;
-                if id.path().is_empty() {
-                    return Err(invalid("spiffe_id", a, "an agent SPIFFE ID needs a path"));
-                }
-                id.to_string()
+                let id = parse_agent_id("spiffe_id", a, &self.td)?.to_string();
+                self.check_not_entry_id("spiffe_id", &id).await?;
+                id
             }
             _ => join_token_agent_id(&self.td, &token),
         };
@@ -434,12 +452,11 @@ impl Ca {
             expires_at: now + ttl.as_secs() as i64,
             created_at: now,
         };
-        // The database never holds an unspent token: only its SHA-256, and no agent ID derived from it (that is
-        // derived again from the token the agent presents).
+        // The database never holds an unspent token: only its SHA-256 (the store hashes it), and no agent ID
+        // derived from it (that is derived again from the token the agent presents).
         let derived = agent_id.is_none_or(str::is_empty);
         self.store
             .create_join_token(&JoinToken {
-                token: token_digest(&jt.token),
                 agent_spiffe_id: if derived {
                     String::new()
                 } else {
@@ -564,13 +581,13 @@ impl Ca {
             return Err(invalid("join_token", "", "is required"));
         }
         let csr = self.attestation_csr(csr_der)?;
-        let now = now_unix();
-        let jt = match self.store.consume_join_token(&token_digest(token), now).await {
-            // Tokens generated before digests were stored are kept in clear: still honoured, once.
-            Err(crate::store::StoreError::TokenNotFound) => self.store.consume_join_token(token, now).await,
-            other => other,
-        }
-        .inspect_err(|_| self.metrics.error("token"))?;
+        // Looked up by the token's digest only: a stored digest presented as a token is refused, and tokens an
+        // older version stored in clear were hashed when the store opened.
+        let jt = self
+            .store
+            .consume_join_token(token, now_unix())
+            .await
+            .inspect_err(|_| self.metrics.error("token"))?;
         let agent_id = if jt.agent_spiffe_id.is_empty() {
             join_token_agent_id(&self.td, token)
         } else {
@@ -599,11 +616,7 @@ impl Ca {
         let node = v
             .verify(self.td.as_str(), chain, nonce, signature, csr_der, now_unix())
             .inspect_err(|_| self.metrics.error("devid"))?;
-        let id = format!(
-            "spiffe://{}/trustline/agent/tpm_devid/{}",
-            self.td.as_str(),
-            node.fingerprint
-        );
+        let id = tpm_devid_agent_id(&self.td, &node.fingerprint);
         let agent_id = parse_spiffe_id("agent_spiffe_id", &id)?;
         tracing::info!(subject = %node.subject, "DevID proof verified");
         self.admit_node(&csr, agent_id, "tpm_devid").await
@@ -619,7 +632,28 @@ impl Ca {
         Ok(csr)
     }
 
-    /// Issues an attested node's agent SVID and records the node.
+    /// Refuses `id` as an agent's SPIFFE ID when a registration entry issues it to workloads.
+    async fn check_not_entry_id(&self, field: &'static str, id: &str) -> Result<(), CaError> {
+        let filter = EntryFilter {
+            spiffe_id: Some(id.to_owned()),
+            ..EntryFilter::default()
+        };
+        if let Some(e) = self.store.list_entries(&filter).await?.first() {
+            return Err(invalid(
+                field,
+                id,
+                format!(
+                    "is the SPIFFE ID of registration entry {}; an agent (node) may not have it",
+                    e.id
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Issues an attested node's agent SVID and records the node. Whatever the token or proof says, an agent never
+    /// gets the CA's own ID or a registration entry's (a token stored by an older version may name any ID: those
+    /// two are refused, an ID outside the agent path is honoured).
     async fn admit_node(
         &self,
         csr: &x509::ValidCsr,
@@ -628,6 +662,10 @@ impl Ca {
     ) -> Result<(SpiffeId, IssuedSvid), CaError> {
         let now = now_unix();
         let id = agent_id.to_string();
+        if id == ca_server_id(&self.td) {
+            return Err(invalid("agent_spiffe_id", &id, "reserved for the CA"));
+        }
+        self.check_not_entry_id("agent_spiffe_id", &id).await?;
         x509::check_csr_sans(csr, &id, &[])?;
         let (svid, key_id) = self
             .authority
@@ -734,11 +772,4 @@ impl Ca {
             self.defaults.jwt_ttl
         }
     }
-}
-
-/// How a join token is stored: `sha256:<hex>` of the token.
-fn token_digest(token: &str) -> String {
-    let d = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, token.as_bytes());
-    let hex: String = d.as_ref().iter().map(|b| format!("{b:02x}")).collect();
-    format!("sha256:{hex}")
 }

@@ -841,6 +841,53 @@ mod tests {
         );
     }
 
+    /// Keys sealed by earlier releases must open forever: the CA's keys in its database and the agent's sealed SVID
+    /// key were sealed in this format (key file: the file's 32 bytes are the AES-256-GCM key, no KDF; passphrase:
+    /// Argon2id with the parameters and salt in the blob). Any change of derivation must keep these opening.
+    #[test]
+    fn blobs_sealed_by_earlier_releases_still_open() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("seal.key");
+        std::fs::write(&p, (1u8..=32).collect::<Vec<u8>>()).unwrap();
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let key_file = SoftwareKeyStore::from_key_file(&p).unwrap();
+        let sealed = KeyRef::new(
+            "soft:v1:VExLMQEAAVPAFVmbLy5S/nZcUmE/PQlAIqZ5+2pXz1wG35Cdsz7qfVW5yBmMw6i4tQz1MTLMreTTgfs4M7dVRAFg6pH/\
+             PWqdVTvRYf9/9Y1TPh+B+jsy6ZKZPqtfXaqYqatyE7VQQkz0iOfSzE3BjGBjGoxB4dPkv7LizbbfvavUt7axgHu8HmxINJw1rV/jA1z6\
+             3tJ7k+qg8AxvJvfu01uLR/k13rA9r9MNdy4="
+                .into(),
+        );
+        let k = key_file.load(&sealed).unwrap();
+        assert_eq!(k.key_type(), KeyType::EcP256);
+        assert_eq!(
+            STANDARD.encode(k.public_key()),
+            "BEbUCFQlcpf70BCm8m7PxV1EOtQhizTbuSKLjPict626rKWx07KYqh9DRJ8ET/1WCcyqUeVZCSlqeP3AYXmGvCw="
+        );
+        let sig = k.sign(SignatureAlgorithm::EcdsaP256Sha256, b"m").unwrap();
+        verify(
+            KeyType::EcP256,
+            SignatureAlgorithm::EcdsaP256Sha256,
+            k.public_key(),
+            b"m",
+            &sig,
+        )
+        .unwrap();
+        // Sealed with passphrase "correct horse battery", Argon2id m = 256 KiB, t = 1, p = 1 (read from the blob).
+        let sealed = KeyRef::new(
+            "soft:v1:VExLMQEBAAABAAAAAAEAAAABgz/kHaHsEKrZ90RALfpFvwNrQzTkT/iCR0B9x03xYkcm3GpYhKdk+fv2DWKW0gh4xlBs4MGBO\
+             Juh4bhZyX2sLIBGRP6uckUHKXn8yJrRixr1XB0rNwOSTx9wp4FL"
+                .into(),
+        );
+        let passphrase = SoftwareKeyStore::with_params("correct horse battery", CHEAP).unwrap();
+        let k = passphrase.load(&sealed).unwrap();
+        assert_eq!(k.key_type(), KeyType::Ed25519);
+        assert_eq!(
+            STANDARD.encode(k.public_key()),
+            "30+B/ZV+F680oejUDXBms4LjZzphDRuazxFWmKgd1l4="
+        );
+    }
+
     #[test]
     fn loads_pem_keys() {
         let (_k, pkcs8) = SoftwareKey::generate(KeyType::EcP256).unwrap();

@@ -217,7 +217,7 @@ async fn setup(dir: &Path) -> PathBuf {
     let token = admin
         .generate_join_token(pb::GenerateJoinTokenRequest {
             ttl: 600,
-            spiffe_id: "spiffe://example.org/node/bench".into(),
+            spiffe_id: "spiffe://example.org/trustline/agent/bench".into(),
         })
         .await
         .unwrap()
@@ -228,7 +228,7 @@ async fn setup(dir: &Path) -> PathBuf {
         .create_entry(pb::CreateEntryRequest {
             spec: Some(pb::EntrySpec {
                 spiffe_id: "spiffe://example.org/bench".into(),
-                parent_id: "spiffe://example.org/node/bench".into(),
+                parent_id: "spiffe://example.org/trustline/agent/bench".into(),
                 selectors: vec![format!("unix:uid:{uid}")],
                 ..Default::default()
             }),

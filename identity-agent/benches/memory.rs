@@ -26,6 +26,16 @@ fn rss_kib(pid: u32) -> u64 {
         .unwrap()
 }
 
+/// Peak RSS since the process started (`VmHWM`), in KiB.
+fn peak_kib(pid: u32) -> u64 {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    s.lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap()
+}
+
 fn http_get(sock: &Path, path: &str) -> String {
     let mut s = UnixStream::connect(sock).unwrap();
     write!(s, "GET {path} HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n").unwrap();
@@ -68,7 +78,7 @@ async fn run() {
     let mut admin = trustline_ca::admin_api::connect(&running.admin_socket)
         .await
         .unwrap();
-    let node = "spiffe://example.org/node/mem";
+    let node = "spiffe://example.org/trustline/agent/mem";
     let token = admin
         .generate_join_token(pb::GenerateJoinTokenRequest {
             ttl: 600,
@@ -131,10 +141,14 @@ async fn run() {
         .read_line(&mut line)
         .unwrap();
     assert!(line.starts_with("trustline-agent ready"), "{line}");
+    let pid = child.id();
+    println!(
+        "trustline-agent start-up peak RSS (VmHWM at its ready line; join token, key file created, SVID sealed): {} KiB",
+        peak_kib(pid)
+    );
     let http = a_dir.join("state/sockets/http.sock");
     let out = http_get(&http, "/v1/jwt-svid?audience=mem");
     assert!(out.starts_with("HTTP/1.1 200"), "{out}");
-    let pid = child.id();
     tokio::time::sleep(Duration::from_millis(500)).await;
     let rss_1 = rss_kib(pid);
     println!("trustline-agent RSS with 1 entry for its node, 1 identity served: {rss_1} KiB");
@@ -179,6 +193,10 @@ async fn run() {
     BufReader::new(child.stdout.take().unwrap())
         .read_line(&mut line)
         .unwrap();
+    println!(
+        "restarted trustline-agent start-up peak RSS (VmHWM at its ready line; sealed SVID opened with the key file, the 10,001 entries received): {} KiB",
+        peak_kib(child.id())
+    );
     let deadline = Instant::now() + Duration::from_secs(60);
     while entries_seen(&http) < n + 1 && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(100)).await;

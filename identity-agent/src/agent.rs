@@ -7,7 +7,9 @@
 //!   (no periodic full re-sync). On a broken stream the agent reconnects with backoff and keeps serving.
 //! - **Workload SVIDs.** Minted only when a workload asks (or listed in `svid.prewarm`), each with a fresh key made
 //!   here (the CA sees only a CSR), cached up to `svid.cache_max` entries (least recently used dropped), renewed
-//!   before expiry, and served from cache while the CA is unreachable until they expire.
+//!   before expiry, and served from cache while the CA is unreachable until they expire. A cached SVID belongs to
+//!   one revision of its entry: when the CA pushes a changed entry (TTL, DNS names, selectors, …) its SVIDs are
+//!   minted again at once and open streams get them.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -92,6 +94,9 @@ pub struct Entry {
     pub selectors: Vec<Selector>,
     /// DNS names.
     pub dns_names: Vec<String>,
+    /// The CA's revision of the entry: it changes with every update (TTL, DNS names, selectors, …), and SVIDs
+    /// minted from an older revision are minted again.
+    pub revision: i64,
 }
 
 /// This node's entries, indexed by id and by selector (a workload lookup touches only entries sharing one of its
@@ -208,12 +213,24 @@ impl std::fmt::Debug for X509Svid {
 
 struct CachedX509 {
     svid: X509Svid,
+    /// Revision of the entry it was minted from.
+    revision: i64,
     last_used: Instant,
+}
+
+impl CachedX509 {
+    /// Whether this SVID can be served for `entry` at `now` without minting a new one: unexpired, and minted from
+    /// the entry's current revision.
+    fn current_for(&self, entry: &Entry, now: i64) -> bool {
+        self.svid.not_after > now && self.revision == entry.revision
+    }
 }
 
 #[derive(Clone)]
 struct CachedJwt {
     token: String,
+    /// Revision of the entry it was minted from.
+    revision: i64,
     issued_at: i64,
     expires_at: i64,
     last_used: Instant,
@@ -248,6 +265,9 @@ pub struct Agent {
     state: watch::Sender<Arc<Snapshot>>,
     generation: watch::Sender<u64>,
     x509: Mutex<HashMap<String, CachedX509>>,
+    /// One minting of an entry's X.509-SVID at a time (streams woken together by an entry update, the
+    /// rotation task): whoever comes second finds it minted.
+    mint_locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     jwt: Mutex<HashMap<(String, String), CachedJwt>>,
     /// Workload attestation.
     pub attestor: crate::attest::Attestor,
@@ -328,6 +348,7 @@ fn entry_from_pb(e: &pb::Entry) -> Option<Entry> {
         spiffe_id,
         selectors,
         dns_names: e.dns_names.clone(),
+        revision: e.revision,
     })
 }
 
@@ -401,6 +422,7 @@ impl Agent {
             ..Snapshot::default()
         }));
         let (generation, _) = watch::channel(0);
+        let cfg_max_executable_bytes = cfg.raw.attestation.max_executable_bytes;
         let agent = Arc::new(Self {
             cfg,
             keys,
@@ -411,8 +433,9 @@ impl Agent {
             state,
             generation,
             x509: Mutex::new(HashMap::new()),
+            mint_locks: Mutex::new(HashMap::new()),
             jwt: Mutex::new(HashMap::new()),
-            attestor: crate::attest::Attestor::default(),
+            attestor: crate::attest::Attestor::new(cfg_max_executable_bytes),
             metrics: crate::metrics::Metrics::new(),
         });
         let now = now_unix();
@@ -669,7 +692,11 @@ impl Agent {
                         match stream.message().await {
                             Ok(Some(update)) => {
                                 backoff = Duration::from_millis(200);
-                                self.apply_update(update);
+                                let changed = self.apply_update(update);
+                                if !changed.is_empty() {
+                                    let a = self.clone();
+                                    tokio::spawn(async move { a.reissue(changed).await });
+                                }
                             }
                             Ok(None) => break,
                             Err(s) => {
@@ -700,7 +727,8 @@ impl Agent {
         self.metrics.set_connected(up);
     }
 
-    fn apply_update(&self, u: pb::WatchUpdatesResponse) {
+    /// Applies a CA update; returns the entries that changed and have an X.509-SVID cached (to be minted again).
+    fn apply_update(&self, u: pb::WatchUpdatesResponse) -> Vec<Entry> {
         if let Some(b) = &u.bundle {
             if let Err(e) = self.apply_bundle(b) {
                 tracing::error!(error = %e, "ignoring an unusable bundle from the CA");
@@ -715,26 +743,54 @@ impl Agent {
             *s = Arc::new(n);
         });
         self.metrics.set_connected(true);
-        // Drop cached SVIDs of entries that are gone or changed.
+        // Drop cached SVIDs of entries that are gone or now name another SPIFFE ID. Those of entries changed
+        // otherwise (TTL, DNS names, selectors) are minted again; the previous one is served only if that fails.
         let snap = self.snapshot();
+        let mut changed = Vec::new();
         self.x509
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .retain(|id, c| {
-                snap.entries
-                    .get(id)
-                    .is_some_and(|e| e.spiffe_id.to_string() == c.svid.spiffe_id)
+                let Some(e) = snap.entries.get(id) else {
+                    return false;
+                };
+                if e.spiffe_id.to_string() != c.svid.spiffe_id {
+                    return false;
+                }
+                if c.revision != e.revision {
+                    changed.push((**e).clone());
+                }
+                true
             });
         self.jwt
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .retain(|(id, _), _| snap.entries.get(id).is_some());
+            .retain(|(id, _), c| snap.entries.get(id).is_some_and(|e| e.revision == c.revision));
         tracing::debug!(
             entries = snap.entries.len(),
             revision = u.revision,
             "applied CA update"
         );
         self.bump();
+        changed
+    }
+
+    /// Mints again the X.509-SVIDs of `entries`, which changed, so that open streams deliver SVIDs with the new
+    /// contents (SPIRE does the same).
+    async fn reissue(&self, entries: Vec<Entry>) {
+        match self.refresh_x509(&entries).await {
+            Ok(n) if n > 0 => {
+                tracing::info!(
+                    count = n,
+                    "workload X.509-SVIDs minted again after an entry update"
+                );
+                self.bump();
+            }
+            Ok(_) => {}
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot mint workload SVIDs again after an entry update; serving the previous ones until they expire")
+            }
+        }
     }
 
     async fn rotate_loop(self: Arc<Self>) {
@@ -816,7 +872,7 @@ impl Agent {
                 entry_id: id.clone(),
                 csr,
             });
-            keys.push((id.clone(), key));
+            keys.push((id.clone(), key, e.revision));
         }
         if params.is_empty() {
             return Ok(0);
@@ -831,7 +887,7 @@ impl Agent {
             .into_inner();
         let mut n = 0;
         let mut cache = self.x509.lock().unwrap_or_else(|e| e.into_inner());
-        for ((id, key), r) in keys.into_iter().zip(resp.results) {
+        for ((id, key, revision), r) in keys.into_iter().zip(resp.results) {
             match r.result {
                 Some(pb::x509svid_result::Result::Svid(s)) => {
                     let Some(leaf) = s.cert_chain.first() else {
@@ -851,6 +907,7 @@ impl Agent {
                                 not_before: nb,
                                 not_after: na,
                             },
+                            revision,
                             last_used: Instant::now(),
                         },
                     );
@@ -882,41 +939,82 @@ impl Agent {
         self.snapshot().entries.matching(selectors)
     }
 
-    /// X.509-SVIDs for `entries`, minting what is missing. Cached SVIDs are served while still valid even when the
-    /// CA is unreachable.
+    /// X.509-SVIDs for `entries`, minting what is missing, expired or minted from an older revision of its entry.
+    /// Cached SVIDs are served while still valid when minting fails (the CA is unreachable).
     pub async fn x509_svids(&self, entries: &[Entry]) -> Result<Vec<X509Svid>, AgentError> {
-        let now = now_unix();
-        let missing: Vec<String> = {
+        if let Err(e) = self.refresh_x509(entries).await {
+            tracing::warn!(error = %e, "could not mint workload SVIDs");
+            let now = now_unix();
             let cache = self.x509.lock().unwrap_or_else(|e| e.into_inner());
-            entries
+            if !entries
                 .iter()
-                .filter(|e| cache.get(&e.id).is_none_or(|c| c.svid.not_after <= now))
-                .map(|e| e.id.clone())
-                .collect()
-        };
-        if !missing.is_empty() {
-            if let Err(e) = self.mint_x509(&missing).await {
-                tracing::warn!(error = %e, "could not mint workload SVIDs");
-                let cache = self.x509.lock().unwrap_or_else(|e| e.into_inner());
-                if !entries
-                    .iter()
-                    .any(|e| cache.get(&e.id).is_some_and(|c| c.svid.not_after > now))
-                {
-                    return Err(AgentError::CaUnavailable(e.to_string()));
-                }
+                .any(|e| cache.get(&e.id).is_some_and(|c| c.svid.not_after > now))
+            {
+                return Err(AgentError::CaUnavailable(e.to_string()));
             }
         }
+        let now = now_unix();
         let mut cache = self.x509.lock().unwrap_or_else(|e| e.into_inner());
         let mut out = Vec::with_capacity(entries.len());
         for e in entries {
             if let Some(c) = cache.get_mut(&e.id) {
                 if c.svid.not_after > now {
+                    if c.revision != e.revision {
+                        tracing::debug!(entry_id = %e.id, "serving an SVID minted from an older revision of its entry: minting failed");
+                    }
                     c.last_used = Instant::now();
                     out.push(c.svid.clone());
                 }
             }
         }
         Ok(out)
+    }
+
+    /// Mints, in one batch, the X.509-SVIDs of `entries` that have no [current](CachedX509::current_for) one
+    /// cached; returns how many were minted. One caller at a time mints a given entry: the others wait for it and
+    /// then find a current SVID (streams woken together by an entry update mint it once).
+    async fn refresh_x509(&self, entries: &[Entry]) -> Result<usize, AgentError> {
+        let stale = || -> Vec<String> {
+            let now = now_unix();
+            let cache = self.x509.lock().unwrap_or_else(|e| e.into_inner());
+            let mut ids: Vec<String> = entries
+                .iter()
+                .filter(|e| !cache.get(&e.id).is_some_and(|c| c.current_for(e, now)))
+                .map(|e| e.id.clone())
+                .collect();
+            ids.sort();
+            ids.dedup();
+            ids
+        };
+        let ids = stale();
+        if ids.is_empty() {
+            return Ok(0);
+        }
+        // Locked in id order by every caller, so two callers never wait for each other.
+        let locks: Vec<Arc<tokio::sync::Mutex<()>>> = {
+            let mut m = self.mint_locks.lock().unwrap_or_else(|e| e.into_inner());
+            ids.iter()
+                .map(|id| m.entry(id.clone()).or_default().clone())
+                .collect()
+        };
+        let mut guards = Vec::with_capacity(locks.len());
+        for l in &locks {
+            guards.push(l.clone().lock_owned().await);
+        }
+        let mut missing = stale();
+        missing.retain(|id| ids.contains(id));
+        let minted = if missing.is_empty() {
+            Ok(0)
+        } else {
+            self.mint_x509(&missing).await
+        };
+        drop(guards);
+        drop(locks);
+        self.mint_locks
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .retain(|_, l| Arc::strong_count(l) > 1);
+        minted
     }
 
     /// A JWT-SVID for `entry` and `audience`, from cache while more than half its life remains.
@@ -927,7 +1025,7 @@ impl Agent {
         let key = (entry.id.clone(), aud.join("\n"));
         let now = now_unix();
         if let Some(c) = self.jwt.lock().unwrap_or_else(|e| e.into_inner()).get_mut(&key) {
-            if now < self.cfg.renew_at(c.issued_at, c.expires_at) {
+            if c.revision == entry.revision && now < self.cfg.renew_at(c.issued_at, c.expires_at) {
                 c.last_used = Instant::now();
                 self.metrics.jwt_served(true);
                 return Ok(JwtSvid {
@@ -962,6 +1060,7 @@ impl Agent {
                     key,
                     CachedJwt {
                         token: r.token.clone(),
+                        revision: entry.revision,
                         issued_at: now,
                         expires_at: r.expires_at,
                         last_used: Instant::now(),
@@ -982,7 +1081,7 @@ impl Agent {
             Err(s) => {
                 // CA unreachable: a cached token that has not expired is still good.
                 if let Some(c) = self.jwt.lock().unwrap_or_else(|e| e.into_inner()).get(&key) {
-                    if c.expires_at > now + 5 {
+                    if c.revision == entry.revision && c.expires_at > now + 5 {
                         tracing::warn!(error = %status_msg(&s), "CA unreachable; serving a cached JWT-SVID");
                         return Ok(JwtSvid {
                             spiffe_id: entry.spiffe_id.to_string(),
@@ -1115,6 +1214,7 @@ mod tests {
             spiffe_id: SpiffeId::new(spiffe).unwrap(),
             selectors: sels.iter().map(|s| s.parse().unwrap()).collect(),
             dns_names: Vec::new(),
+            revision: 1,
         }
     }
 

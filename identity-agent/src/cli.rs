@@ -4,6 +4,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use crate::config::Config;
+use crate::svid_files::{SvidFolder, WriteError, KEY_MODE, PUBLIC_MODE};
 use clap::{Parser, Subcommand};
 use trustline_identity::bundle::certs_to_pem;
 use trustline_identity::lifecycle::{exit_with_parent, Shutdown};
@@ -93,7 +94,8 @@ enum FetchCmd {
             default_value = ".trustline/agent/sockets/workload.sock"
         )]
         socket: String,
-        /// Folder to write PEM files into (private keys with mode 0600).
+        /// Folder to write PEM files into (private keys with mode 0600). It must be yours, not a symbolic link,
+        /// and not writable by group or others; it is created (0700) if missing.
         #[arg(long)]
         write: Option<PathBuf>,
     },
@@ -272,6 +274,12 @@ async fn run(cli: Cli) -> Result<ExitCode, String> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Api(ApiCmd::Fetch(FetchCmd::X509 { socket, write })) => {
+            // Checked before asking for a key, so a refused folder costs nothing.
+            let folder = write
+                .as_deref()
+                .map(SvidFolder::open)
+                .transpose()
+                .map_err(|e| e.to_string())?;
             let mut c = workload_client(&socket).await?;
             let mut stream = c
                 .fetch_x509svid(with_header(pb::X509svidRequest {}))
@@ -287,16 +295,22 @@ async fn run(cli: Cli) -> Result<ExitCode, String> {
                 let chain = certs_to_pem(&split_ders(&s.x509_svid)?);
                 let bundle = certs_to_pem(&split_ders(&s.bundle)?);
                 let key = pem::encode(&pem::Pem::new("PRIVATE KEY", s.x509_svid_key.clone()));
-                match &write {
-                    Some(dir) => {
-                        std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
-                        write_file(&dir.join(format!("svid.{i}.pem")), chain.as_bytes(), 0o644)?;
-                        write_file(&dir.join(format!("svid.{i}.key")), key.as_bytes(), 0o600)?;
-                        write_file(&dir.join(format!("bundle.{i}.pem")), bundle.as_bytes(), 0o644)?;
+                match &folder {
+                    Some(folder) => {
+                        let e = |e: WriteError| e.to_string();
+                        folder
+                            .write(&format!("svid.{i}.pem"), chain.as_bytes(), PUBLIC_MODE)
+                            .map_err(e)?;
+                        folder
+                            .write(&format!("svid.{i}.key"), key.as_bytes(), KEY_MODE)
+                            .map_err(e)?;
+                        folder
+                            .write(&format!("bundle.{i}.pem"), bundle.as_bytes(), PUBLIC_MODE)
+                            .map_err(e)?;
                         println!(
                             "{}: wrote {}/svid.{i}.pem, svid.{i}.key, bundle.{i}.pem",
                             s.spiffe_id,
-                            dir.display()
+                            folder.path().display()
                         );
                     }
                     None => {

@@ -80,6 +80,31 @@ pub struct Config {
     /// agent SVID has expired).
     #[serde(default)]
     pub tpm_devid: Option<TpmDevIdConfig>,
+    /// Workload attestation.
+    #[serde(default)]
+    pub attestation: AttestationConfig,
+}
+
+/// `[attestation]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AttestationConfig {
+    /// Largest caller binary hashed for the `unix:sha256` selector (bytes, default 256 MiB). A larger binary gets
+    /// no `unix:sha256` selector (the agent logs why); its other selectors are unaffected.
+    #[serde(default = "default_max_executable_bytes")]
+    pub max_executable_bytes: u64,
+}
+
+impl Default for AttestationConfig {
+    fn default() -> Self {
+        Self {
+            max_executable_bytes: default_max_executable_bytes(),
+        }
+    }
+}
+
+fn default_max_executable_bytes() -> u64 {
+    crate::attest::DEFAULT_MAX_EXECUTABLE_BYTES
 }
 
 /// `[tpm_devid]`
@@ -292,6 +317,7 @@ mod tests {
         let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/examples/agent.toml");
         let v = Config::load(&p).unwrap();
         assert_eq!(v.socket, PathBuf::from("/run/trustline/agent/workload.sock"));
+        assert_eq!(v.raw.attestation.max_executable_bytes, 256 << 20);
     }
 
     #[test]
@@ -328,5 +354,21 @@ mod tests {
         )
         .unwrap_err();
         assert!(err.to_string().contains("ca_address"), "{err}");
+        assert_eq!(
+            v.raw.attestation.max_executable_bytes,
+            crate::attest::DEFAULT_MAX_EXECUTABLE_BYTES
+        );
+        let v = Config::parse(
+            p,
+            "trust_domain = \"example.org\"\nca_address = \"127.0.0.1:8081\"\ntrust_bundle = \"b\"\n[attestation]\nmax_executable_bytes = 1048576\n",
+        )
+        .unwrap();
+        assert_eq!(v.raw.attestation.max_executable_bytes, 1 << 20);
+        let err = Config::parse(
+            p,
+            "trust_domain = \"example.org\"\nca_address = \"127.0.0.1:8081\"\ntrust_bundle = \"b\"\n[attestation]\nmax_executable_size = 1\n",
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("max_executable_size"), "{err}");
     }
 }

@@ -19,5 +19,6 @@ pub mod h2_authority;
 pub mod http_api;
 pub mod metrics;
 pub mod server;
+pub mod svid_files;
 pub mod tcp_owner;
 pub mod workload_api;

@@ -6,6 +6,12 @@ use tokio::net::UnixListener;
 
 use crate::agent::{Agent, AgentError};
 use crate::config::Validated;
+use crate::h2_authority;
+
+/// Largest Workload API request message (the biggest, a `ValidateJWTSVID` with its token, needs a few KiB).
+pub const WORKLOAD_API_MAX_MESSAGE: usize = 64 * 1024;
+/// HTTP/2 streams one Workload API connection may have open at once (tonic's default is no limit).
+pub const WORKLOAD_API_MAX_STREAMS: u32 = 100;
 
 fn bind(path: &Path) -> Result<UnixListener, AgentError> {
     // Workloads of any uid must reach the sockets; attestation by peer credentials is the gate.
@@ -46,15 +52,24 @@ pub async fn run(
         }
     };
     let grpc = {
-        let svc = crate::workload_api::WorkloadApi::service(agent.clone());
-        // Every connection goes through the `:authority` fix so gRPC-C-core clients (Python, C++) work too.
+        // Requests are decoded before the handler attests the caller: a few KiB is all any of them needs.
+        let svc = crate::workload_api::WorkloadApi::service(agent.clone())
+            .max_decoding_message_size(WORKLOAD_API_MAX_MESSAGE);
+        // Every connection goes through the `:authority` fix so gRPC-C-core clients (Python, C++) work too; it
+        // also enforces, before h2 buffers anything, the limits advertised below (`h2_authority`, "Bounds").
         let inc =
             tokio_stream::StreamExt::map(tokio_stream::wrappers::UnixListenerStream::new(workload), |c| {
-                c.map(crate::h2_authority::AuthorityFix::new)
+                c.map(h2_authority::AuthorityFix::new)
             });
         let stop = stopped();
         tokio::spawn(async move {
             tonic::transport::Server::builder()
+                .max_frame_size(h2_authority::MAX_FRAME_SIZE)
+                .http2_max_header_list_size(h2_authority::MAX_HEADER_LIST_SIZE)
+                .max_concurrent_streams(WORKLOAD_API_MAX_STREAMS)
+                // What a client may send before the server reads it (hyper's default is 1 MiB each).
+                .initial_stream_window_size(64 * 1024)
+                .initial_connection_window_size(256 * 1024)
                 .add_service(svc)
                 .serve_with_incoming_shutdown(inc, stop)
                 .await

@@ -3,6 +3,11 @@
 //! Every call must carry the `workload.spiffe.io: true` metadata header (else `InvalidArgument`, as the spec
 //! says). The caller is identified by the kernel (SO_PEERCRED on its connection), never by what it sends; a
 //! caller matching no entry gets `PermissionDenied: no identity issued`, as SPIRE answers.
+//!
+//! The streams (`FetchX509SVID`, `FetchX509Bundles`, `FetchJWTBundles`) attest the caller again before every
+//! update they send: the update holds only what the caller's selectors match *now*, and a caller that exited, was
+//! replaced (`exec`, pid reuse) or matches nothing any more gets `PermissionDenied` and the stream ends. A
+//! connection handed to another process keeps being judged by the process that opened it.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -79,13 +84,15 @@ pub fn check_audience(aud: &[String]) -> Result<(), String> {
 }
 
 impl WorkloadApi {
-    fn selectors<T>(&self, req: &Request<T>) -> Result<Vec<Selector>, Status> {
-        let cred =
-            peer(req).ok_or_else(|| Status::permission_denied("no peer credentials on the connection"))?;
-        self.agent.attestor.attest(cred).map_err(|e| {
-            tracing::warn!(error = %e, "workload attestation failed");
+    /// Attests the caller with credentials `cred` from the kernel (off the runtime threads) and returns the
+    /// entries its selectors match now: `PermissionDenied` when attestation fails or nothing matches.
+    async fn authorize(&self, cred: Option<PeerCred>, method: &str) -> Result<Vec<Entry>, Status> {
+        let cred = cred.ok_or_else(|| Status::permission_denied("no peer credentials on the connection"))?;
+        let selectors = self.agent.attestor.attest_async(cred).await.map_err(|e| {
+            tracing::warn!(error = %e, method, "workload attestation failed");
             Status::permission_denied(format!("workload attestation failed: {e}"))
-        })
+        })?;
+        self.entries(&selectors, method)
     }
 
     fn entries(&self, selectors: &[Selector], method: &str) -> Result<Vec<Entry>, Status> {
@@ -161,20 +168,25 @@ fn to_value(v: &serde_json::Value) -> prost_types::Value {
 type Stream<T> = ReceiverStream<Result<T, Status>>;
 
 /// A server stream that sends `current()` at once and again whenever the agent's state changes and the value
-/// differs from the last one sent (`None`: nothing to send yet). Ends when the client goes away.
-fn watch_stream<T, F>(agent: Arc<Agent>, current: F) -> Stream<T>
+/// differs from the last one sent (`None`: nothing to send yet). Before each send the caller is attested again
+/// ([`WorkloadApi::authorize`]); when that fails the stream ends with its status. Ends when the client goes away.
+fn watch_stream<T, F>(api: WorkloadApi, cred: Option<PeerCred>, method: &'static str, current: F) -> Stream<T>
 where
     T: PartialEq + Clone + Send + 'static,
     F: Fn() -> Option<T> + Send + 'static,
 {
     let (tx, rx) = mpsc::channel(2);
     tokio::spawn(async move {
-        let mut changes = agent.subscribe();
+        let mut changes = api.agent.subscribe();
         let mut last: Option<T> = None;
         loop {
             changes.borrow_and_update();
             if let Some(msg) = current() {
                 if last.as_ref() != Some(&msg) {
+                    if let Err(s) = api.authorize(cred, method).await {
+                        let _ = tx.send(Err(s)).await;
+                        return;
+                    }
                     last = Some(msg.clone());
                     if tx.send(Ok(msg)).await.is_err() {
                         return;
@@ -199,8 +211,8 @@ impl SpiffeWorkloadApi for WorkloadApi {
         req: Request<pb::X509svidRequest>,
     ) -> Result<Response<Self::FetchX509SVIDStream>, Status> {
         check_header(&req)?;
-        let selectors = self.selectors(&req)?;
-        self.entries(&selectors, "FetchX509SVID")?;
+        let cred = peer(&req);
+        self.authorize(cred, "FetchX509SVID").await?;
         let (tx, rx) = mpsc::channel(2);
         let this = self.clone();
         tokio::spawn(async move {
@@ -208,54 +220,53 @@ impl SpiffeWorkloadApi for WorkloadApi {
             let mut last: Option<Vec<(String, Vec<u8>)>> = None;
             loop {
                 changes.borrow_and_update();
-                let entries = this.agent.entries_for(&selectors);
-                let msg = if entries.is_empty() {
-                    Err(Status::permission_denied("no identity issued"))
-                } else {
-                    match this.agent.x509_svids(&entries).await {
+                // Attested again for every update: only what the caller's selectors match now is sent.
+                let msg = match this.authorize(cred, "FetchX509SVID").await {
+                    Err(s) => Some(Err(s)),
+                    Ok(entries) => match this.agent.x509_svids(&entries).await {
                         Ok(svids) if svids.is_empty() => {
-                            Err(Status::unavailable("no SVID could be minted yet"))
+                            Some(Err(Status::unavailable("no SVID could be minted yet")))
                         }
                         Ok(svids) => {
-                            let roots = this.agent.snapshot().roots.concat();
                             let key: Vec<(String, Vec<u8>)> = svids
                                 .iter()
-                                .map(|s| (s.spiffe_id.clone(), s.chain[0].clone()))
+                                .map(|s| (s.spiffe_id.clone(), s.chain.first().cloned().unwrap_or_default()))
                                 .collect();
                             if last.as_ref() == Some(&key) {
                                 // Nothing new for this workload.
-                                if changes.changed().await.is_err() {
-                                    return;
-                                }
-                                continue;
+                                None
+                            } else {
+                                last = Some(key);
+                                let roots = this.agent.snapshot().roots.concat();
+                                Some(Ok(pb::X509svidResponse {
+                                    svids: svids
+                                        .iter()
+                                        .map(|s| pb::X509svid {
+                                            spiffe_id: s.spiffe_id.clone(),
+                                            x509_svid: s.chain.concat(),
+                                            x509_svid_key: s.key.to_vec(),
+                                            bundle: roots.clone(),
+                                            hint: String::new(),
+                                        })
+                                        .collect(),
+                                    crl: Vec::new(),
+                                    federated_bundles: HashMap::new(),
+                                }))
                             }
-                            last = Some(key);
-                            Ok(pb::X509svidResponse {
-                                svids: svids
-                                    .iter()
-                                    .map(|s| pb::X509svid {
-                                        spiffe_id: s.spiffe_id.clone(),
-                                        x509_svid: s.chain.concat(),
-                                        x509_svid_key: s.key.to_vec(),
-                                        bundle: roots.clone(),
-                                        hint: String::new(),
-                                    })
-                                    .collect(),
-                                crl: Vec::new(),
-                                federated_bundles: HashMap::new(),
-                            })
                         }
-                        Err(e) => Err(agent_status(e)),
-                    }
+                        Err(e) => Some(Err(agent_status(e))),
+                    },
                 };
-                let fatal = msg.is_err();
-                this.agent.metrics.request(
-                    "workload_api",
-                    "FetchX509SVID",
-                    if fatal { "error" } else { "ok" },
-                );
-                if tx.send(msg).await.is_err() || fatal {
-                    return;
+                if let Some(msg) = msg {
+                    let fatal = msg.is_err();
+                    this.agent.metrics.request(
+                        "workload_api",
+                        "FetchX509SVID",
+                        if fatal { "error" } else { "ok" },
+                    );
+                    if tx.send(msg).await.is_err() || fatal {
+                        return;
+                    }
                 }
                 tokio::select! {
                     r = changes.changed() => if r.is_err() { return },
@@ -273,16 +284,21 @@ impl SpiffeWorkloadApi for WorkloadApi {
         req: Request<pb::X509BundlesRequest>,
     ) -> Result<Response<Self::FetchX509BundlesStream>, Status> {
         check_header(&req)?;
-        let selectors = self.selectors(&req)?;
-        self.entries(&selectors, "FetchX509Bundles")?;
+        let cred = peer(&req);
+        self.authorize(cred, "FetchX509Bundles").await?;
         let this = self.clone();
-        Ok(Response::new(watch_stream(self.agent.clone(), move || {
-            let bundles = this.x509_bundles();
-            Some(pb::X509BundlesResponse {
-                crl: Vec::new(),
-                bundles,
-            })
-        })))
+        Ok(Response::new(watch_stream(
+            self.clone(),
+            cred,
+            "FetchX509Bundles",
+            move || {
+                let bundles = this.x509_bundles();
+                Some(pb::X509BundlesResponse {
+                    crl: Vec::new(),
+                    bundles,
+                })
+            },
+        )))
     }
 
     async fn fetch_jwtsvid(
@@ -290,10 +306,9 @@ impl SpiffeWorkloadApi for WorkloadApi {
         req: Request<pb::JwtsvidRequest>,
     ) -> Result<Response<pb::JwtsvidResponse>, Status> {
         check_header(&req)?;
-        let selectors = self.selectors(&req)?;
         let r = req.get_ref();
         check_audience(&r.audience).map_err(Status::invalid_argument)?;
-        let mut entries = self.entries(&selectors, "FetchJWTSVID")?;
+        let mut entries = self.authorize(peer(&req), "FetchJWTSVID").await?;
         if !r.spiffe_id.is_empty() {
             entries.retain(|e| e.spiffe_id.to_string() == r.spiffe_id);
             if entries.is_empty() {
@@ -323,13 +338,18 @@ impl SpiffeWorkloadApi for WorkloadApi {
         req: Request<pb::JwtBundlesRequest>,
     ) -> Result<Response<Self::FetchJWTBundlesStream>, Status> {
         check_header(&req)?;
-        let selectors = self.selectors(&req)?;
-        self.entries(&selectors, "FetchJWTBundles")?;
+        let cred = peer(&req);
+        self.authorize(cred, "FetchJWTBundles").await?;
         let this = self.clone();
-        Ok(Response::new(watch_stream(self.agent.clone(), move || {
-            let bundles = this.jwt_bundles();
-            (!bundles.is_empty()).then_some(pb::JwtBundlesResponse { bundles })
-        })))
+        Ok(Response::new(watch_stream(
+            self.clone(),
+            cred,
+            "FetchJWTBundles",
+            move || {
+                let bundles = this.jwt_bundles();
+                (!bundles.is_empty()).then_some(pb::JwtBundlesResponse { bundles })
+            },
+        )))
     }
 
     async fn validate_jwtsvid(
@@ -337,8 +357,7 @@ impl SpiffeWorkloadApi for WorkloadApi {
         req: Request<pb::ValidateJwtsvidRequest>,
     ) -> Result<Response<pb::ValidateJwtsvidResponse>, Status> {
         check_header(&req)?;
-        let selectors = self.selectors(&req)?;
-        self.entries(&selectors, "ValidateJWTSVID")?;
+        self.authorize(peer(&req), "ValidateJWTSVID").await?;
         let r = req.into_inner();
         if r.audience.is_empty() {
             return Err(Status::invalid_argument("audience must be specified"));

@@ -19,8 +19,6 @@ pub mod bundle;
 pub mod devid;
 pub mod jwt;
 pub mod lifecycle;
-#[doc(hidden)]
-pub mod mutate;
 pub mod pgtls;
 pub mod spiffe_id;
 pub mod tls;

@@ -38,12 +38,15 @@ impl PgTls {
                 reason: e.to_string(),
             })?;
         }
-        let cfg = rustls::ClientConfig::builder_with_provider(Arc::new(
+        let mut cfg = rustls::ClientConfig::builder_with_provider(Arc::new(
             rustls::crypto::aws_lc_rs::default_provider(),
         ))
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_root_certificates(roots)
         .with_no_client_auth();
+        // As every Trustline client (`tls::client_config`): never resume, so the server's certificate is verified
+        // against the roots on every connection (rustls does not verify it again on a resumed handshake).
+        cfg.resumption = rustls::client::Resumption::disabled();
         Ok(Self(Arc::new(cfg)))
     }
 }

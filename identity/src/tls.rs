@@ -4,8 +4,17 @@
 //! rules against a trust bundle that can be swapped at runtime ([`TrustBundle::update`]) without rebuilding the
 //! config. Our own certificate comes from a [`RotatingCert`], which also swaps in place; until a certificate is
 //! set, handshakes fail closed.
+//!
+//! No configuration built here resumes a TLS session, on either side: every connection is a full handshake in
+//! which the peer presents its certificate chain and the verifier checks it against the bundle as it is now.
+//! rustls does not run the certificate verifier again on resumption: it restores the peer's chain from the
+//! session (a ticket or a cache entry) as it was when the session was made. A resumed connection would carry an
+//! identity past the end of its X.509-SVID, past the removal of its root from the bundle, past the deletion of
+//! the peer's registration entry: a peer that saved a session while its SVID was valid could come back without
+//! a certificate at all. See [`server_config`] and [`client_config`].
 
 use std::fmt;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
@@ -263,6 +272,9 @@ type SignerCache = std::collections::HashMap<[u8; 32], (SpiffeId, u64, u64)>;
 #[derive(Clone)]
 pub struct TrustBundle {
     inner: Arc<RwLock<Arc<Anchors>>>,
+    /// Counts the changes of the roots ([`generation`](Self::generation)): whoever verified a chain at one
+    /// generation knows, with one atomic load, whether the verdict still stands.
+    generation: Arc<AtomicU64>,
     /// Chains already verified against the current roots (cleared by `update`), so a signer seen on every request
     /// costs one signature check, not a path validation.
     signers: Arc<std::sync::Mutex<SignerCache>>,
@@ -305,22 +317,36 @@ impl TrustBundle {
                 trust_domain,
                 anchors,
             }))),
+            generation: Arc::default(),
             signers: Arc::default(),
         })
     }
 
-    /// Replaces the roots; later handshakes verify against the new set.
+    /// Replaces the roots; later handshakes verify against the new set. The same roots again (every SVID
+    /// rotation delivers the bundle too) change nothing, not even the [`generation`](Self::generation).
     pub fn update(&self, roots: &[Vec<u8>]) -> Result<(), TlsError> {
         let anchors = anchors_from(roots)?;
-        let td = self.snapshot().trust_domain.clone();
         let mut guard = self.inner.write().unwrap_or_else(|p| p.into_inner());
+        if guard.anchors == anchors {
+            return Ok(());
+        }
         *guard = Arc::new(Anchors {
-            trust_domain: td,
+            trust_domain: guard.trust_domain.clone(),
             anchors,
         });
+        // Under the lock: whoever reads the new generation finds the new roots.
+        self.generation.fetch_add(1, Ordering::AcqRel);
         drop(guard);
         self.signers.lock().unwrap_or_else(|p| p.into_inner()).clear();
         Ok(())
+    }
+
+    /// How many times the roots changed. A chain verified (by [`verify_chain`](Self::verify_chain) or a
+    /// handshake) after reading generation `g` stays verified while the generation is still `g`, except for time:
+    /// its validity period is the caller's to check. Read it *before* verifying, so a change that races the
+    /// verification is seen the next time.
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
     }
 
     fn snapshot(&self) -> Arc<Anchors> {
@@ -743,6 +769,15 @@ impl ServerCertVerifier for SpiffeServerVerifier {
 }
 
 /// A TLS 1.3 server config presenting `cert` and verifying clients with `verifier`. ALPN `h2`.
+///
+/// It never resumes a session: no session cache (`NoServerSessionStorage`: a client's PSK finds nothing), no
+/// tickets (none sent after the handshake, and rustls' default ticketer, which never makes one, is kept), no
+/// early data. rustls does not call the client-certificate verifier on a resumed handshake, it restores the
+/// client's chain from the session: a client that saved a session while its X.509-SVID was valid could resume
+/// after the SVID expired, after its root left the bundle or its registration entry was deleted, presenting no
+/// certificate at all, and be taken for the old identity. So every connection is a full handshake and the
+/// verifier sees every chain against the bundle as it is then. What this costs is in `docs/benchmarks.md`
+/// ("Resumption: refused, and what it costs").
 pub fn server_config(
     cert: Arc<RotatingCert>,
     verifier: Arc<SpiffeClientVerifier>,
@@ -752,10 +787,19 @@ pub fn server_config(
         .with_client_cert_verifier(verifier)
         .with_cert_resolver(cert);
     cfg.alpn_protocols = vec![b"h2".to_vec()];
+    cfg.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+    cfg.send_tls13_tickets = 0;
+    cfg.max_early_data_size = 0;
     Ok(cfg)
 }
 
 /// A TLS 1.3 client config verifying the server with `verifier` and presenting `cert` if it holds one. ALPN `h2`.
+///
+/// It never resumes a session (`Resumption::disabled()`: no session stored, no ticket offered), for the same
+/// reason as [`server_config`] from the other side: rustls does not run the server-certificate verifier on a
+/// resumed handshake, so a resumed connection would trust the server's chain as it was when the session was
+/// made (past its expiry, past a bundle change), and would not present the certificate [`RotatingCert`] holds
+/// now: the server would take us for whoever we were when the session was made.
 pub fn client_config(
     verifier: Arc<SpiffeServerVerifier>,
     cert: Option<Arc<RotatingCert>>,
@@ -770,6 +814,7 @@ pub fn client_config(
     };
     cfg.alpn_protocols = vec![b"h2".to_vec()];
     cfg.enable_sni = false;
+    cfg.resumption = rustls::client::Resumption::disabled();
     Ok(cfg)
 }
 
@@ -829,5 +874,310 @@ impl rustls::sign::Signer for HsmTlsSigner {
 
     fn scheme(&self) -> SignatureScheme {
         self.scheme
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use super::*;
+    use rcgen::{
+        BasicConstraints, CertificateParams, ExtendedKeyUsagePurpose, IsCa, KeyPair, KeyUsagePurpose, SanType,
+    };
+    use rustls::client::{ClientSessionMemoryCache, ClientSessionStore, ResolvesClientCert, Resumption};
+    use rustls::{ClientConnection, HandshakeKind, ServerConnection};
+    use std::sync::atomic::AtomicUsize;
+    use std::sync::Mutex;
+
+    const TD: &str = "example.org";
+
+    /// A CA of `example.org` (P-256, as ours) that signs SVIDs.
+    struct TestCa {
+        root: Vec<u8>,
+        issuer: rcgen::Issuer<'static, KeyPair>,
+    }
+
+    impl TestCa {
+        fn new() -> Self {
+            let key = KeyPair::generate().unwrap();
+            let mut p = CertificateParams::new(Vec::<String>::new()).unwrap();
+            p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+            p.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+            p.subject_alt_names
+                .push(SanType::URI(format!("spiffe://{TD}").try_into().unwrap()));
+            let root = p.self_signed(&key).unwrap().der().to_vec();
+            Self {
+                root,
+                issuer: rcgen::Issuer::new(p, key),
+            }
+        }
+
+        /// An X.509-SVID for `spiffe://example.org/<name>`: (chain, PKCS#8 key).
+        fn svid(&self, name: &str) -> (Vec<Vec<u8>>, Vec<u8>) {
+            let key = KeyPair::generate().unwrap();
+            let mut p = CertificateParams::new(Vec::<String>::new()).unwrap();
+            p.subject_alt_names
+                .push(SanType::URI(format!("spiffe://{TD}/{name}").try_into().unwrap()));
+            p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+            p.extended_key_usages = vec![
+                ExtendedKeyUsagePurpose::ServerAuth,
+                ExtendedKeyUsagePurpose::ClientAuth,
+            ];
+            p.is_ca = IsCa::ExplicitNoCa;
+            let leaf = p.signed_by(&key, &self.issuer).unwrap();
+            (vec![leaf.der().to_vec()], key.serialize_der())
+        }
+
+        fn bundle(&self) -> TrustBundle {
+            TrustBundle::new(TrustDomain::new(TD).unwrap(), std::slice::from_ref(&self.root)).unwrap()
+        }
+
+        fn cert(&self, name: &str) -> Arc<RotatingCert> {
+            let (chain, key) = self.svid(name);
+            let rc = Arc::new(RotatingCert::default());
+            rc.set(chain, &key).unwrap();
+            rc
+        }
+
+        /// Our server config (the sidecar's inbound listener, the CA's agent API), as `server`.
+        fn server(&self) -> Arc<rustls::ServerConfig> {
+            let verifier = Arc::new(SpiffeClientVerifier::new(self.bundle(), true));
+            Arc::new(server_config(self.cert("server"), verifier).unwrap())
+        }
+
+        /// Our client config (the sidecar outbound, the agent), as `client`, expecting `server`.
+        fn client(&self) -> rustls::ClientConfig {
+            let verifier = Arc::new(SpiffeServerVerifier::new(
+                self.bundle(),
+                ExpectedPeer::OneOf(vec![SpiffeId::new(format!("spiffe://{TD}/server")).unwrap()]),
+            ));
+            client_config(verifier, Some(self.cert("client"))).unwrap()
+        }
+    }
+
+    /// A client session store that counts the TLS 1.3 tickets it is given.
+    #[derive(Debug)]
+    struct CountingStore {
+        inner: ClientSessionMemoryCache,
+        tickets: AtomicUsize,
+    }
+
+    impl CountingStore {
+        fn new() -> Arc<Self> {
+            Arc::new(Self {
+                inner: ClientSessionMemoryCache::new(32),
+                tickets: AtomicUsize::new(0),
+            })
+        }
+    }
+
+    impl ClientSessionStore for CountingStore {
+        fn set_kx_hint(&self, server_name: ServerName<'static>, group: rustls::NamedGroup) {
+            self.inner.set_kx_hint(server_name, group);
+        }
+        fn kx_hint(&self, server_name: &ServerName<'_>) -> Option<rustls::NamedGroup> {
+            self.inner.kx_hint(server_name)
+        }
+        fn set_tls12_session(
+            &self,
+            server_name: ServerName<'static>,
+            value: rustls::client::Tls12ClientSessionValue,
+        ) {
+            self.inner.set_tls12_session(server_name, value);
+        }
+        fn tls12_session(
+            &self,
+            server_name: &ServerName<'_>,
+        ) -> Option<rustls::client::Tls12ClientSessionValue> {
+            self.inner.tls12_session(server_name)
+        }
+        fn remove_tls12_session(&self, server_name: &ServerName<'static>) {
+            self.inner.remove_tls12_session(server_name);
+        }
+        fn insert_tls13_ticket(
+            &self,
+            server_name: ServerName<'static>,
+            value: rustls::client::Tls13ClientSessionValue,
+        ) {
+            self.tickets.fetch_add(1, Ordering::SeqCst);
+            self.inner.insert_tls13_ticket(server_name, value);
+        }
+        fn take_tls13_ticket(
+            &self,
+            server_name: &ServerName<'static>,
+        ) -> Option<rustls::client::Tls13ClientSessionValue> {
+            self.inner.take_tls13_ticket(server_name)
+        }
+    }
+
+    /// The attacker's certificate: the SVID on the first handshake, nothing after.
+    #[derive(Debug)]
+    struct FirstTimeOnly(Mutex<Option<Arc<CertifiedKey>>>);
+
+    impl ResolvesClientCert for FirstTimeOnly {
+        fn resolve(&self, _: &[&[u8]], _: &[SignatureScheme]) -> Option<Arc<CertifiedKey>> {
+            self.0.lock().unwrap().take()
+        }
+        fn has_certs(&self) -> bool {
+            true
+        }
+    }
+
+    /// A client config that would resume if the server let it: resumption on, tickets counted.
+    fn resuming(mut cfg: rustls::ClientConfig) -> (Arc<rustls::ClientConfig>, Arc<CountingStore>) {
+        let store = CountingStore::new();
+        cfg.resumption = Resumption::store(store.clone());
+        (Arc::new(cfg), store)
+    }
+
+    /// Our server config with resumption put back as rustls' defaults have it (the control).
+    fn resuming_server(cfg: &rustls::ServerConfig) -> Arc<rustls::ServerConfig> {
+        let mut cfg = cfg.clone();
+        cfg.session_storage = rustls::server::ServerSessionMemoryCache::new(32);
+        cfg.send_tls13_tickets = 2;
+        Arc::new(cfg)
+    }
+
+    /// One connection in memory, run until neither side has anything to send (so post-handshake tickets are
+    /// delivered too); the first error either side raised.
+    fn connect(
+        client: &Arc<rustls::ClientConfig>,
+        server: &Arc<rustls::ServerConfig>,
+    ) -> (ClientConnection, ServerConnection, Result<(), rustls::Error>) {
+        let mut c = ClientConnection::new(client.clone(), ServerName::try_from("server").unwrap()).unwrap();
+        let mut s = ServerConnection::new(server.clone()).unwrap();
+        let mut result = Ok(());
+        loop {
+            let mut moved = false;
+            while c.wants_write() {
+                let mut buf = Vec::new();
+                c.write_tls(&mut buf).unwrap();
+                moved = true;
+                let mut rest = buf.as_slice();
+                while !rest.is_empty() && result.is_ok() {
+                    s.read_tls(&mut rest).unwrap();
+                    if let Err(e) = s.process_new_packets() {
+                        result = Err(e);
+                    }
+                }
+            }
+            while s.wants_write() {
+                let mut buf = Vec::new();
+                s.write_tls(&mut buf).unwrap();
+                moved = true;
+                let mut rest = buf.as_slice();
+                while !rest.is_empty() && result.is_ok() {
+                    c.read_tls(&mut rest).unwrap();
+                    if let Err(e) = c.process_new_packets() {
+                        result = Err(e);
+                    }
+                }
+            }
+            if !moved || result.is_err() && !c.wants_write() && !s.wants_write() {
+                return (c, s, result);
+            }
+        }
+    }
+
+    /// Caught: rustls' server defaults keep a session cache and send two TLS 1.3 tickets per connection, so a
+    /// client asking to resume got a resumed handshake (without the client-certificate verifier).
+    #[test]
+    fn our_server_config_gives_no_session_to_resume() {
+        let ca = TestCa::new();
+        let server = ca.server();
+        assert_eq!(server.send_tls13_tickets, 0);
+        assert!(!server.ticketer.enabled(), "no stateless tickets");
+        assert!(!server.session_storage.can_cache(), "no session cache");
+        assert_eq!(server.max_early_data_size, 0);
+        let (client, store) = resuming(ca.client());
+        for n in 0..2 {
+            let (c, s, r) = connect(&client, &server);
+            r.unwrap();
+            assert_eq!(c.handshake_kind(), Some(HandshakeKind::Full), "connection {n}");
+            assert_eq!(s.handshake_kind(), Some(HandshakeKind::Full), "connection {n}");
+        }
+        assert_eq!(
+            store.tickets.load(Ordering::SeqCst),
+            0,
+            "the server sent no ticket"
+        );
+
+        // The control: the same client against a server that allows resumption does resume.
+        let control = resuming_server(&server);
+        connect(&client, &control).2.unwrap();
+        assert!(store.tickets.load(Ordering::SeqCst) > 0);
+        let (c, _, r) = connect(&client, &control);
+        r.unwrap();
+        assert_eq!(c.handshake_kind(), Some(HandshakeKind::Resumed));
+    }
+
+    /// Caught: rustls' client default keeps up to 256 sessions and offers their tickets, so our clients (the
+    /// sidecar's outbound, the agent) resumed against any server that sent tickets, trusting the server's chain
+    /// as verified when the session was made.
+    #[test]
+    fn our_client_config_never_resumes() {
+        let ca = TestCa::new();
+        let server = resuming_server(&ca.server());
+        let client = Arc::new(ca.client());
+        for n in 0..3 {
+            let (c, s, r) = connect(&client, &server);
+            r.unwrap();
+            assert_eq!(c.handshake_kind(), Some(HandshakeKind::Full), "connection {n}");
+            assert_eq!(s.handshake_kind(), Some(HandshakeKind::Full), "connection {n}");
+        }
+    }
+
+    /// The attack of issue 18: connect once with a valid SVID, keep the session, come back presenting no
+    /// certificate. Against a server that resumes, rustls restores the old chain without asking the verifier
+    /// (shown by the control); against ours there is nothing to resume and the handshake is refused.
+    #[test]
+    fn a_saved_session_does_not_bring_back_an_identity() {
+        let ca = TestCa::new();
+        let attacker = |server: &Arc<rustls::ServerConfig>| {
+            let mut cfg = ca.client();
+            let (chain, key) = ca.svid("web");
+            let rc = RotatingCert::default();
+            rc.set(chain, &key).unwrap();
+            cfg.client_auth_cert_resolver = Arc::new(FirstTimeOnly(Mutex::new(rc.get())));
+            let (cfg, _) = resuming(cfg);
+            let (_, s, r) = connect(&cfg, server);
+            r.unwrap();
+            let first = s.peer_certificates().map(<[_]>::to_vec);
+            let second = connect(&cfg, server);
+            (first, second)
+        };
+
+        // Control: a resuming server takes the second connection, certificate-less, for `web`.
+        let (first, (c, s, r)) = attacker(&resuming_server(&ca.server()));
+        r.unwrap();
+        assert_eq!(c.handshake_kind(), Some(HandshakeKind::Resumed));
+        assert_eq!(s.peer_certificates().map(<[_]>::to_vec), first);
+
+        // Ours: a full handshake, no certificate, refused.
+        let (_, (_, s, r)) = attacker(&ca.server());
+        assert_eq!(r.unwrap_err(), rustls::Error::NoCertificatesPresented);
+        assert_eq!(s.handshake_kind(), Some(HandshakeKind::Full));
+    }
+
+    #[test]
+    fn the_generation_moves_only_when_the_roots_change() {
+        let (a, b) = (TestCa::new(), TestCa::new());
+        let bundle = a.bundle();
+        let g = bundle.generation();
+        bundle.update(std::slice::from_ref(&a.root)).unwrap();
+        assert_eq!(bundle.generation(), g, "the same roots again");
+        bundle.update(&[a.root.clone(), b.root.clone()]).unwrap();
+        assert_eq!(bundle.generation(), g + 1);
+        let clone = bundle.clone();
+        clone.update(std::slice::from_ref(&b.root)).unwrap();
+        assert_eq!(bundle.generation(), g + 2, "clones share the roots and the count");
+        let (chain, _) = a.svid("web");
+        let leaf = CertificateDer::from(chain[0].as_slice());
+        let now = UnixTime::now();
+        assert_eq!(
+            Refusal::of(&bundle.verify_chain(&leaf, &[], now, true).unwrap_err()),
+            Refusal::Untrusted
+        );
     }
 }

@@ -10,6 +10,8 @@
 //! - [`proxy`]: inbound and outbound HTTP/1.1, HTTP/2, gRPC and opaque TCP proxying.
 //! - [`server`]: listeners, metrics, graceful drain; [`park`]: idle HTTP/1.1 connections without
 //!   buffers; [`tls_stream`]: the inbound TLS stream, buffers only while bytes are in flight.
+//! - [`live_peer`]: every request on an inbound connection checks that its peer's SVID is still valid and
+//!   trusted (a connection outlives its handshake).
 //!
 //! The policy engine never admits a request when an ALLOW policy exists and none matched, and refuses a whole
 //! policy folder when any file in it is invalid (so a running sidecar keeps its last good set).
@@ -21,6 +23,7 @@ pub mod canon;
 pub mod chain;
 pub mod cli;
 pub mod config;
+pub mod live_peer;
 pub mod metrics;
 pub mod park;
 pub mod policy;

@@ -18,7 +18,9 @@ pub type Direction = &'static str;
 pub struct RequestLabels {
     /// `inbound` or `outbound`.
     pub direction: Direction,
-    /// `allow`, `deny` (policy), `unauthenticated` (JWT-SVID), `error` (upstream failure).
+    /// `allow`, `deny` (policy), `unauthenticated` (JWT-SVID), `error` (upstream failure), and on inbound
+    /// connections whose peer is no longer valid `peer_certificate_expired` or `peer_not_trusted`
+    /// (`crate::live_peer`).
     pub decision: &'static str,
     /// HTTP status returned to the caller.
     pub status: u16,

@@ -21,6 +21,10 @@
 //! HTTP/2 connections (which read continuously), upgraded connections (`101 Switching Protocols`, after which
 //! the bytes are not HTTP) and connections whose request body was dropped unread (hyper drains or closes those
 //! itself) never park: they stay with hyper for their whole life, as before.
+//!
+//! A connection can also be retired before shutdown ([`Retire`], [`Lot::serve_retiring`]): the inbound
+//! listeners retire a connection whose peer's certificate nears its end or is no longer valid
+//! (`crate::live_peer`). It then drains as on shutdown, or is closed if parked.
 
 use std::collections::HashMap;
 use std::convert::Infallible;
@@ -279,10 +283,12 @@ impl<T: Transport> AsyncWrite for ParkIo<T> {
     }
 }
 
-/// Runs one activation until it ends (`Some`), or drains it gracefully on shutdown (`None`).
+/// Runs one activation until it ends (`Some`), or drains it gracefully on shutdown or once `retired` resolves
+/// (`None`).
 async fn activation<C, E>(
     mut conn: Pin<Box<C>>,
     shutdown: &mut watch::Receiver<bool>,
+    retired: impl Future<Output = ()>,
     graceful: fn(Pin<&mut C>),
 ) -> Option<Result<(), E>>
 where
@@ -294,6 +300,85 @@ where
             graceful(conn.as_mut());
             let _ = conn.await;
             None
+        }
+        () = retired => {
+            graceful(conn.as_mut());
+            let _ = conn.await;
+            None
+        }
+    }
+}
+
+/// Tells one connection to stop taking requests before its listener shuts down: at once ([`now`](Self::now)),
+/// or from a time on. It then drains as on shutdown: HTTP/2 sends GOAWAY and finishes the streams in flight,
+/// HTTP/1.1 finishes the response in flight and closes.
+///
+/// At the time, an HTTP/1.1 connection is closed only if it is parked (idle, as the idle timeout closes it):
+/// closing it while it serves a request would leave the client no way to tell that the connection will not
+/// take its next request. The service says so on that request's response instead (`Connection: close`, and
+/// [`now`](Self::now)). HTTP/2's GOAWAY has no such race: the time drains an HTTP/2 connection, busy or idle.
+#[derive(Debug, Default)]
+pub struct Retire {
+    at: Option<tokio::time::Instant>,
+    asked: AtomicBool,
+    notify: Notify,
+}
+
+impl Retire {
+    /// Retires the connection when asked, and also at `at` if given.
+    pub fn new(at: Option<tokio::time::Instant>) -> Self {
+        Self {
+            at,
+            ..Self::default()
+        }
+    }
+
+    /// Drains the connection now: no new request, the ones in flight finish.
+    pub fn now(&self) {
+        if !self.asked.swap(true, Ordering::AcqRel) {
+            self.notify.notify_waiters();
+        }
+    }
+
+    /// The time it is retired at, if any.
+    pub fn at(&self) -> Option<tokio::time::Instant> {
+        self.at
+    }
+
+    /// Whether [`now`](Self::now) was called.
+    pub fn asked(&self) -> bool {
+        self.asked.load(Ordering::Acquire)
+    }
+
+    /// Resolves when the activation whose requests `state` tracks must drain (`http1`: the connection served
+    /// HTTP/1.x requests in an earlier activation); never without a `Retire`.
+    async fn due(this: Option<&Self>, state: &State, http1: bool) {
+        let Some(this) = this else {
+            return std::future::pending().await;
+        };
+        let asked = async {
+            loop {
+                let told = this.notify.notified();
+                tokio::pin!(told);
+                told.as_mut().enable();
+                if this.asked() {
+                    return;
+                }
+                told.await;
+            }
+        };
+        let timed = async {
+            if let Some(at) = this.at {
+                tokio::time::sleep_until(at).await;
+                if !http1 && !state.http1.load(Ordering::Acquire) {
+                    return;
+                }
+            }
+            std::future::pending::<()>().await;
+        };
+        tokio::select! {
+            () = asked => {}
+            () = timed => {}
         }
     }
 }
@@ -395,6 +480,8 @@ struct Conn<T, F, K> {
     _keep: K,
     /// It served an HTTP/1.x request: later activations skip protocol detection.
     http1: bool,
+    /// When to stop taking requests, besides shutdown.
+    retire: Option<Arc<Retire>>,
 }
 
 /// A parked connection.
@@ -484,6 +571,23 @@ impl<T: Transport, F: Serve, K: Send + 'static> Lot<T, F, K> {
                 svc,
                 _keep: keep,
                 http1: false,
+                retire: None,
+            },
+        )
+        .await;
+    }
+
+    /// [`serve`](Self::serve), and drains the connection early when `retire` says so (a parked connection is
+    /// not woken for it: its next request finds out).
+    pub async fn serve_retiring(&self, io: T, svc: F, keep: K, retire: Arc<Retire>) {
+        Shared::run(
+            self.shared.clone(),
+            Conn {
+                io,
+                svc,
+                _keep: keep,
+                http1: false,
+                retire: Some(retire),
             },
         )
         .await;
@@ -534,12 +638,13 @@ impl<T: Transport, F: Serve, K: Send + 'static> Shared<T, F, K> {
                 }
             });
             let http = &self.http;
+            let retired = Retire::due(c.retire.as_deref(), &state, c.http1);
             let ended = if !c.http1 {
                 let conn = Box::pin(http.auto.serve_connection_with_upgrades(pio, tracked));
-                activation(conn, &mut shutdown, |c| c.graceful_shutdown()).await
+                activation(conn, &mut shutdown, retired, |c| c.graceful_shutdown()).await
             } else {
                 let conn = Box::pin(http.h1.serve_connection(pio, tracked).with_upgrades());
-                let ended = activation(conn, &mut shutdown, |c| c.graceful_shutdown()).await;
+                let ended = activation(conn, &mut shutdown, retired, |c| c.graceful_shutdown()).await;
                 ended.map(|r| r.map_err(Into::into))
             };
             let Some(ended) = ended else { return };
@@ -550,6 +655,11 @@ impl<T: Transport, F: Serve, K: Send + 'static> Shared<T, F, K> {
             // Handed back only when it parked; otherwise hyper closed it.
             let Ok(io) = returned.await else { return };
             c.io = io;
+            if c.retire.as_ref().is_some_and(|r| r.asked()) {
+                // Retired while its last response was going out: closed, not parked.
+                close_all(vec![c]).await;
+                return;
+            }
             c.http1 |= state.http1.load(Ordering::Acquire);
             self.releases.fetch_add(1, Ordering::Relaxed);
             // hyper's state and buffers are gone. A busy connection's next request usually comes within
@@ -587,11 +697,16 @@ impl<T: Transport, F: Serve, K: Send + 'static> Shared<T, F, K> {
                 } else {
                     self.http.first_request_timeout
                 };
+                // A connection retired at a time is closed then if it is still parked.
+                let mut deadline = std::time::Instant::now() + limit;
+                if let Some(at) = c.retire.as_ref().and_then(|r| r.at) {
+                    deadline = deadline.min(at.into_std());
+                }
                 slots.insert(
                     key,
                     Slot {
                         conn: c,
-                        deadline: std::time::Instant::now() + limit,
+                        deadline,
                         waker,
                     },
                 );
@@ -939,5 +1054,152 @@ mod tests {
             .unwrap();
         assert_eq!(n, 0);
         assert_eq!(probe().1, 0);
+    }
+
+    /// A listener whose one connection is served with `retire`; requests to `/hold` wait for `release`, and
+    /// each request's path is sent on the returned channel as it arrives.
+    async fn retiring_server(
+        retire: Arc<Retire>,
+        release: Arc<Notify>,
+    ) -> (
+        std::net::SocketAddr,
+        tokio::sync::mpsc::UnboundedReceiver<String>,
+        watch::Sender<bool>,
+    ) {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let (stop_tx, stop) = watch::channel(false);
+        let (seen_tx, seen) = tokio::sync::mpsc::unbounded_channel();
+        let svc = move |req: Request<RequestBody>| {
+            let (release, seen_tx) = (release.clone(), seen_tx.clone());
+            async move {
+                let path = req.uri().path().to_owned();
+                let _ = seen_tx.send(path.clone());
+                if path == "/hold" {
+                    release.notified().await;
+                }
+                Ok::<_, Infallible>(Response::new(http_body_util::Full::new(Bytes::from(path))))
+            }
+        };
+        let lot = Lot::new(Http::new(&Limits::default()), stop);
+        tokio::spawn(async move {
+            if let Ok((tcp, _)) = l.accept().await {
+                lot.serve_retiring(tcp, svc, (), retire).await;
+            }
+        });
+        (addr, seen, stop_tx)
+    }
+
+    #[tokio::test]
+    async fn a_retired_http2_connection_finishes_its_streams_and_goes_away() {
+        use http_body_util::BodyExt as _;
+        let (retire, release) = (Arc::new(Retire::new(None)), Arc::new(Notify::new()));
+        let (addr, mut seen, _stop) = retiring_server(retire.clone(), release.clone()).await;
+        let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let (mut tx, conn) = hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tcp))
+            .await
+            .unwrap();
+        let conn = tokio::spawn(conn);
+        let held = tx.send_request(
+            Request::builder()
+                .uri("http://test/hold")
+                .body(http_body_util::Empty::<Bytes>::new())
+                .unwrap(),
+        );
+        let held = tokio::spawn(held);
+        assert_eq!(seen.recv().await.unwrap(), "/hold");
+        retire.now();
+        release.notify_one();
+        let resp = held.await.unwrap().expect("the stream in flight is answered");
+        assert_eq!(resp.into_body().collect().await.unwrap().to_bytes(), "/hold");
+        // GOAWAY, then the connection ends cleanly.
+        tokio::time::timeout(Duration::from_secs(10), conn)
+            .await
+            .expect("the server closed the connection")
+            .unwrap()
+            .unwrap();
+    }
+
+    #[tokio::test]
+    async fn an_http2_connection_is_retired_at_its_time_even_idle() {
+        let at = tokio::time::Instant::now() + Duration::from_millis(200);
+        let (addr, _seen, _stop) = retiring_server(Arc::new(Retire::new(Some(at))), Arc::default()).await;
+        let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let (mut tx, conn) = hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tcp))
+            .await
+            .unwrap();
+        let conn = tokio::spawn(conn);
+        let req = Request::builder()
+            .uri("http://test/one")
+            .body(http_body_util::Empty::<Bytes>::new())
+            .unwrap();
+        assert_eq!(tx.send_request(req).await.unwrap().status(), StatusCode::OK);
+        tokio::time::timeout(Duration::from_secs(10), conn)
+            .await
+            .expect("retired at its time")
+            .unwrap()
+            .unwrap();
+    }
+
+    /// A raw HTTP/1.1 request; the response (head and body) as text.
+    async fn raw_get(tcp: &mut tokio::net::TcpStream, path: &str) -> String {
+        use tokio::io::AsyncReadExt as _;
+        tcp.write_all(format!("GET {path} HTTP/1.1\r\nhost: test\r\n\r\n").as_bytes())
+            .await
+            .unwrap();
+        let mut buf = vec![0u8; 1024];
+        let n = tcp.read(&mut buf).await.unwrap();
+        String::from_utf8_lossy(&buf[..n]).to_lowercase()
+    }
+
+    #[tokio::test]
+    async fn a_retired_http1_connection_closes_after_the_response_in_flight() {
+        use tokio::io::AsyncReadExt as _;
+        let (retire, release) = (Arc::new(Retire::new(None)), Arc::new(Notify::new()));
+        let (addr, mut seen, _stop) = retiring_server(retire.clone(), release.clone()).await;
+        let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let first = raw_get(&mut tcp, "/once").await;
+        assert!(
+            first.starts_with("http/1.1 200") && !first.contains("connection: close"),
+            "{first}"
+        );
+        assert_eq!(seen.recv().await.unwrap(), "/once");
+        tcp.write_all(b"GET /hold HTTP/1.1\r\nhost: test\r\n\r\n")
+            .await
+            .unwrap();
+        assert_eq!(seen.recv().await.unwrap(), "/hold");
+        // Asked while the request is in flight: its response says close, and the connection closes after it.
+        retire.now();
+        release.notify_one();
+        let mut got = Vec::new();
+        tokio::time::timeout(Duration::from_secs(10), tcp.read_to_end(&mut got))
+            .await
+            .expect("closed after the response")
+            .unwrap();
+        // Whether the head says `connection: close` depends on which came first, the request to drain or the
+        // response (the sidecar's service, which asks while answering, sets the header itself).
+        let got = String::from_utf8_lossy(&got).to_lowercase();
+        assert!(got.starts_with("http/1.1 200"), "{got}");
+        assert!(got.ends_with("/hold"), "{got}");
+    }
+
+    #[tokio::test]
+    async fn a_parked_http1_connection_is_closed_at_its_retire_time() {
+        use tokio::io::AsyncReadExt as _;
+        let at = tokio::time::Instant::now() + Duration::from_millis(300);
+        let (addr, _seen, _stop) = retiring_server(Arc::new(Retire::new(Some(at))), Arc::default()).await;
+        let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let first = raw_get(&mut tcp, "/once").await;
+        assert!(
+            first.starts_with("http/1.1 200") && !first.contains("connection: close"),
+            "{first}"
+        );
+        // Idle: parked, then closed at its time (not after the 90 s idle timeout).
+        let mut buf = vec![0u8; 64];
+        let n = tokio::time::timeout(Duration::from_secs(10), tcp.read(&mut buf))
+            .await
+            .expect("closed at its retire time")
+            .unwrap();
+        assert_eq!(n, 0);
     }
 }

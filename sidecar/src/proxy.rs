@@ -922,6 +922,30 @@ impl Inbound {
             .await)
     }
 
+    /// Refuses one request from `peer` without forwarding it: 403 with `{"error": decision, "reason": ...}`, or
+    /// gRPC `PERMISSION_DENIED`; counted and recorded under `decision` like every inbound request. For requests
+    /// on a connection whose peer is no longer valid (`crate::live_peer`).
+    pub(crate) async fn refuse(
+        self: Arc<Self>,
+        peer: Arc<str>,
+        mut req: Request<RequestBody>,
+        decision: &'static str,
+        reason: String,
+    ) -> Result<Response<Body>, Infallible> {
+        let start = Instant::now();
+        ensure_traceparent(req.headers_mut());
+        let grpc = is_grpc(req.headers());
+        let mut rec = new_record(INBOUND, &req, self.shared.own_id());
+        rec.peer = peer.to_string();
+        let body = serde_json::json!({ "error": decision, "reason": reason, "principal": &*peer });
+        rec.note = reason;
+        let resp = local_response(grpc, StatusCode::FORBIDDEN, 7, body);
+        Ok(self
+            .shared
+            .finish(INBOUND, decision, resp, rec, start, grpc)
+            .await)
+    }
+
     /// Validates the bearer JWT-SVID: `Ok(claims)`, or `Err(reason)` for a 401.
     fn authenticate(&self, jwt: &JwtAuth, h: &HeaderMap) -> Result<Option<serde_json::Value>, String> {
         let token = match h.get(header::AUTHORIZATION) {

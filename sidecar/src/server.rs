@@ -5,15 +5,17 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use http::{header, HeaderValue, Request, Response, StatusCode, Version};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
-use trustline_identity::tls::{server_config, svid_leaf_id, SpiffeClientVerifier};
+use trustline_identity::tls::{server_config, SpiffeClientVerifier};
 
 use crate::config::{Config, Limits, Protocol, ValidRoute};
+use crate::live_peer::{LivePeer, Peers, Verdict};
 use crate::metrics::Metrics;
-use crate::park::{Http, Lot};
+use crate::park::{Http, Lot, RequestBody};
 use crate::policy_store::PolicyStore;
-use crate::proxy::{group_name, refusal_of, Inbound, Outbound, RouteTable, Shared};
+use crate::proxy::{group_name, refusal_of, Body, Inbound, Outbound, RouteTable, Shared};
 use crate::svid_source::SvidSource;
 use crate::tls_stream::ServerTls;
 
@@ -227,6 +229,8 @@ pub async fn run(
     });
     let mut all_conns = Vec::new();
 
+    // Inbound connections' peers are checked again on every request against the same bundle (`live_peer`).
+    let peers = Peers::new(bundle.clone());
     let verifier = Arc::new(SpiffeClientVerifier::new(bundle, true));
     let mut bound = Bound {
         inbound: Vec::new(),
@@ -247,11 +251,19 @@ pub async fn run(
         all_conns.push(conns.clone());
         let (protocol, shared) = (ib.protocol, shared.clone());
         let lot = Lot::new(Http::new(&limits), stop_rx.clone());
+        let peers = peers.clone();
         accept_loop(listener, conns, stop_rx.clone(), move |tcp, remote, permit| {
-            let (acceptor, state, shared, lot) =
-                (acceptor.clone(), state.clone(), shared.clone(), lot.clone());
+            let (acceptor, state, shared, lot, peers) = (
+                acceptor.clone(),
+                state.clone(),
+                shared.clone(),
+                lot.clone(),
+                peers.clone(),
+            );
             async move {
                 let m = &shared.metrics;
+                // Before the handshake: a bundle change that races it is seen by the first request.
+                let generation = peers.generation();
                 // The handshake's state, and then the TLS stream, live in boxes: the connection's task (which
                 // an idle connection is, besides its TLS session) stays a few hundred bytes.
                 let timeout = shared.limits.handshake_timeout;
@@ -276,24 +288,25 @@ pub async fn run(
                 };
                 let session = tls.session();
                 let group = group_name(session.negotiated_key_exchange_group().map(|g| g.name()));
-                let peer = session
+                let chain = session
                     .peer_certificates()
-                    .and_then(|c| c.first())
-                    .and_then(|c| svid_leaf_id(c).ok());
-                let Some(peer) = peer else {
+                    .and_then(|c| peers.chain(c, generation).ok());
+                let Some(chain) = chain else {
                     // The verifier already enforced this; a missing ID here is a bug, refuse anyway.
                     m.handshake("inbound", "bad_svid", group);
                     return;
                 };
                 m.handshake("inbound", "ok", group);
+                let peer = chain.id().clone();
                 tracing::info!(%remote, peer = %peer, key_exchange = group, "peer connected");
-                let peer: Arc<str> = Arc::from(peer.to_string());
                 let open = m.open_connection("inbound");
                 match protocol {
                     Protocol::Tcp => state.handle_tcp(peer, tls).await,
                     Protocol::Http => {
-                        let svc = move |req| state.clone().handle(peer.clone(), req);
-                        lot.serve(tls, svc, (permit, open)).await;
+                        let live = Arc::new(LivePeer::new(&peers, chain));
+                        let retire = live.retire();
+                        let svc = move |req| serve_live(state.clone(), live.clone(), req);
+                        lot.serve_retiring(tls, svc, (permit, open), retire).await;
                     }
                 }
             }
@@ -343,6 +356,44 @@ pub async fn run(
         let _ = tokio::task::spawn_blocking(move || sink.log.close()).await;
     }
     Ok(())
+}
+
+/// Serves one request of an inbound HTTP connection if its peer is still valid and trusted, refuses it if not
+/// (see [`crate::live_peer`]). A refusal, or a connection retired ahead of its peer's expiry, drains the
+/// connection; on HTTP/1.1 the response also says `Connection: close`, so the client does not send another
+/// request on it.
+async fn serve_live(
+    state: Arc<Inbound>,
+    live: Arc<LivePeer>,
+    req: Request<RequestBody>,
+) -> Result<Response<Body>, std::convert::Infallible> {
+    let http1 = req.version() < Version::HTTP_2;
+    let peer = live.id().clone();
+    let Ok(mut resp) = match live.check() {
+        Verdict::Serve => return state.handle(peer, req).await,
+        Verdict::ServeAndRetire => {
+            tracing::debug!(peer = %peer, "peer's certificate near its end: retiring the connection");
+            state.handle(peer, req).await
+        }
+        Verdict::Refuse { why, reason } => {
+            tracing::warn!(
+                peer = %peer,
+                reason = why.as_str(),
+                detail = %reason,
+                method = %req.method(),
+                path = req.uri().path(),
+                "request refused on a live connection: its peer is no longer valid"
+            );
+            state.refuse(peer, req, why.as_str(), reason).await
+        }
+    };
+    // Not on a `101 Switching Protocols`: its `Connection: upgrade` is the upgrade (the tunnel it opens is the
+    // connection's last use anyway).
+    if http1 && resp.status() != StatusCode::SWITCHING_PROTOCOLS {
+        resp.headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    }
+    Ok(resp)
 }
 
 /// `/metrics` and `/healthz` (200 once the sidecar holds an SVID).

@@ -250,6 +250,11 @@ impl Agent {
         wait_logged(&self.logs, needle)
     }
 
+    /// The agent's process id while it runs (for `/proc/<pid>/status`).
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     /// The address a TCP listener configured with port 0 got: the agent logs `<what> listening on http://ADDR`
     /// (`what` is "HTTP API" for `http_listen`, "health and metrics" for `health_listen`).
     pub fn listening(&self, what: &str) -> SocketAddr {
@@ -423,6 +428,28 @@ impl Ca {
     pub fn bundle_roots(&self) -> Vec<Vec<u8>> {
         trustline_identity::bundle::certs_from_pem(&self.cli_ok(&["bundle", "show", "--format", "pem"]))
             .unwrap()
+    }
+
+    /// Sends SIGTERM and waits (up to [`PATIENCE`]) for the CA to exit by itself; its exit status, or `None` when
+    /// it had to be killed.
+    pub fn stop_status(&mut self) -> Option<std::process::ExitStatus> {
+        let mut child = self.child.take()?;
+        let _ = Command::new("kill")
+            .arg("-TERM")
+            .arg(child.id().to_string())
+            .status();
+        let deadline = Instant::now() + PATIENCE;
+        blocking(|| loop {
+            if let Ok(Some(s)) = child.try_wait() {
+                return Some(s);
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        })
     }
 
     /// Whether the CA logged a line containing `needle` (waiting for it: see [`wait_logged`]).

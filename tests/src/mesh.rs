@@ -35,7 +35,7 @@ impl Mesh {
         let mut cfg = crate::default_config(&dir);
         cfg.push_str(ca_extra);
         let ca = Ca::start_with(&dir, &cfg);
-        let node = format!("{TD}/node/mesh");
+        let node = format!("{TD}/trustline/agent/mesh");
         let token: serde_json::Value = serde_json::from_str(&ca.cli_ok(&[
             "token",
             "generate",

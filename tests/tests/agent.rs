@@ -33,7 +33,7 @@ fn entry(ca: &Ca, id: &str, parent: &str, selector: &str) {
     ]);
 }
 
-const NODE: &str = "spiffe://example.org/node/n1";
+const NODE: &str = "spiffe://example.org/trustline/agent/n1";
 
 async fn client(agent: &Agent) -> spiffe::WorkloadApiClient {
     spiffe::WorkloadApiClient::connect_to(agent.endpoint())
@@ -508,8 +508,9 @@ async fn loopback_tcp_callers_are_identified_by_the_kernels_socket_tables() {
         async move {
             use tokio::io::{AsyncReadExt, AsyncWriteExt};
             let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-            // A header naming another identity changes nothing: only the kernel's tables count.
-            s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nX-Spiffe-Id: spiffe://example.org/tcp-user\r\nConnection: close\r\n\r\n").as_bytes())
+            // A header naming another identity changes nothing: only the kernel's tables count. `Metadata: true`
+            // and a loopback Host are what the TCP listener requires of every request (agent_bounds.rs).
+            s.write_all(format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nMetadata: true\r\nX-Spiffe-Id: spiffe://example.org/tcp-user\r\nConnection: close\r\n\r\n").as_bytes())
                 .await
                 .unwrap();
             let mut out = String::new();
@@ -543,7 +544,8 @@ async fn loopback_tcp_callers_are_identified_by_the_kernels_socket_tables() {
                     format!("--regid={uid}"),
                     "--clear-groups".into(),
                 ])
-                .args(["curl", "-s", &format!("http://{addr}/v1/jwt-svid?audience=a")])
+                .args(["curl", "-s", "-H", "Metadata: true"])
+                .arg(format!("http://{addr}/v1/jwt-svid?audience=a"))
                 .output()
                 .unwrap()
         };

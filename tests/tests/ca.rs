@@ -164,7 +164,7 @@ async fn svids_conform_to_the_spiffe_specs() {
 async fn bad_input_is_refused_clearly_and_changes_nothing() {
     let tmp = tempfile::tempdir().unwrap();
     let ca = Ca::start(tmp.path());
-    let parent = "spiffe://example.org/node/a";
+    let parent = "spiffe://example.org/trustline/agent/a";
     ca.cli_ok(&[
         "entry",
         "create",
@@ -411,7 +411,7 @@ async fn agents_attest_with_one_time_tokens_and_fetch_what_their_node_may_issue(
     assert!(err.message().contains("expired"), "{err:?}");
 
     // A CSR naming another ID does not spend the token... it is refused (and the token stays one-time).
-    let (tok2, _) = token(&ca, &["--spiffe-id", "spiffe://example.org/node/b"]);
+    let (tok2, _) = token(&ca, &["--spiffe-id", "spiffe://example.org/trustline/agent/b"]);
     let mut client = agent_client(ca.agent_addr, &roots, None).await.unwrap();
     let (_, bad) = csr(&["spiffe://other.org/x"], &[]);
     let err = client
@@ -424,7 +424,10 @@ async fn agents_attest_with_one_time_tokens_and_fetch_what_their_node_may_issue(
         .unwrap_err();
     assert_eq!(err.code(), tonic::Code::InvalidArgument);
     let (_, ok) = attest(&ca, &tok2).await.unwrap();
-    assert_eq!(ok.svid.unwrap().spiffe_id, "spiffe://example.org/node/b");
+    assert_eq!(
+        ok.svid.unwrap().spiffe_id,
+        "spiffe://example.org/trustline/agent/b"
+    );
 
     // Without a client certificate only AttestAgent works.
     let err = client.fetch_bundle(pb::FetchBundleRequest {}).await.unwrap_err();
@@ -450,7 +453,7 @@ async fn agents_attest_with_one_time_tokens_and_fetch_what_their_node_may_issue(
         "--spiffe-id",
         "spiffe://example.org/db",
         "--parent-id",
-        "spiffe://example.org/node/b",
+        "spiffe://example.org/trustline/agent/b",
         "--selector",
         "unix:uid:5432",
         "--output",
@@ -610,7 +613,7 @@ async fn entry_changes_reach_a_watching_agent_quickly() {
         "--spiffe-id",
         WEB,
         "--parent-id",
-        "spiffe://example.org/node/z",
+        "spiffe://example.org/trustline/agent/z",
         "--selector",
         "unix:uid:1",
     ]);
@@ -1167,7 +1170,10 @@ async fn an_evicted_agent_is_refused_until_it_attests_again() {
     let tmp = tempfile::tempdir().unwrap();
     let ca = Ca::start(tmp.path());
     let roots = ca.bundle_roots();
-    let (tok, agent_id) = token(&ca, &["--spiffe-id", "spiffe://example.org/node/evictee"]);
+    let (tok, agent_id) = token(
+        &ca,
+        &["--spiffe-id", "spiffe://example.org/trustline/agent/evictee"],
+    );
     let (key, resp) = attest(&ca, &tok).await.unwrap();
     let svid = resp.svid.unwrap();
     let listed = ca.cli_ok(&["agent", "list", "--output", "json"]);
@@ -1212,7 +1218,10 @@ async fn an_evicted_agent_is_refused_until_it_attests_again() {
     assert!(e.contains("no attested agent has this ID"), "{e}");
 
     // Attesting again (a new token) brings it back.
-    let (tok2, _) = token(&ca, &["--spiffe-id", "spiffe://example.org/node/evictee"]);
+    let (tok2, _) = token(
+        &ca,
+        &["--spiffe-id", "spiffe://example.org/trustline/agent/evictee"],
+    );
     attest(&ca, &tok2).await.unwrap();
     assert!(ca.cli_ok(&["agent", "list"]).contains(&agent_id));
 }

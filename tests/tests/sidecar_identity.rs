@@ -8,7 +8,7 @@ use std::time::Duration;
 use trustline_sidecar::svid_source::SvidSource;
 use trustline_tests::{eventually, now, verify_svid, Agent, Ca, PATIENCE};
 
-const NODE: &str = "spiffe://example.org/node/s1";
+const NODE: &str = "spiffe://example.org/trustline/agent/s1";
 
 #[tokio::test(flavor = "multi_thread")]
 async fn the_sidecar_takes_its_svid_from_the_workload_api_and_follows_rotations() {

@@ -9,6 +9,12 @@
 //!
 //! Schema changes are ordered, append-only migrations (see `migrations.rs`); a binary refuses a database written
 //! by a newer one ([`StoreError::SchemaTooNew`]).
+//!
+//! Stored secrets are not credentials: join tokens are stored as digests and looked up by the digest of the token
+//! presented; a presented value in the stored form is refused ([`StoreError::TokenInStoredForm`]), and rows an
+//! older version kept in clear are hashed on open, in the migration transaction. The SQLite file, its `-wal` and
+//! `-shm` files and a folder the store creates for them are private to the CA's user (0600, 0700), and a file
+//! that group or others can access is refused ([`StoreError::FileMode`]).
 
 mod migrations;
 mod postgres;
@@ -62,11 +68,16 @@ pub struct EntryFilter {
 }
 
 /// A one-time join token.
+///
+/// The store never holds the token itself, only its digest ([`token_digest`], `sha256:<hex>`): callers give and
+/// present the token in clear and the store hashes it, so what is stored can never be presented in its place
+/// ([`StoreError::TokenInStoredForm`]). Rows an older version stored in clear are hashed when the store opens.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct JoinToken {
-    /// The secret token.
+    /// The secret token, in clear (as generated, or as presented).
     pub token: String,
-    /// SPIFFE ID the attested node receives.
+    /// SPIFFE ID the attested node receives; empty when the CA derives it from the token (it would contain the
+    /// token).
     pub agent_spiffe_id: String,
     /// Expiry (unix seconds).
     pub expires_at: i64,
@@ -242,6 +253,10 @@ pub enum StoreError {
     /// Unknown or already used token.
     #[error("join token not found or already used")]
     TokenNotFound,
+    /// The presented join token is in the form the store keeps (`sha256:<hex>`): a stored digest is not a
+    /// credential. The value is not echoed.
+    #[error("join_token: a stored token digest (sha256:…) is not a join token; present the token itself")]
+    TokenInStoredForm,
     /// Expired token (now deleted).
     #[error("join token expired at {expires_at}")]
     TokenExpired {
@@ -269,6 +284,25 @@ pub enum StoreError {
         found: i64,
         /// Version supported.
         supported: i64,
+    },
+    /// A database file (or its `-wal`, `-shm` or `-journal` file) that group or others can access.
+    #[error(
+        "database file {path} has mode {mode:o}: group and others must have no access (chmod 600 {path})"
+    )]
+    FileMode {
+        /// The file.
+        path: String,
+        /// Its permission bits.
+        mode: u32,
+    },
+    /// The database's folder or files could not be created or inspected.
+    #[error("sqlite {path}: {source}")]
+    Io {
+        /// The file or folder.
+        path: String,
+        /// The error.
+        #[source]
+        source: std::io::Error,
     },
     /// SQLite failure.
     #[error("sqlite {path}: {source}")]
@@ -377,20 +411,37 @@ impl Store {
         dispatch!(self, s => s.counter("entries_revision"))
     }
 
-    /// Stores a join token.
+    /// Stores a join token: its digest, never the token.
     pub async fn create_join_token(&self, token: &JoinToken) -> Result<(), StoreError> {
-        dispatch!(self, s => s.create_join_token(token))
+        let stored = JoinToken {
+            token: token_digest(&token.token),
+            ..token.clone()
+        };
+        dispatch!(self, s => s.create_join_token(&stored))
     }
 
-    /// Atomically deletes and returns a token; an expired one is deleted and reported as expired.
+    /// Atomically deletes and returns the token presented in clear (looked up by its digest); an expired one is
+    /// deleted and reported as expired. A value in the stored form is refused without a lookup.
     pub async fn consume_join_token(&self, token: &str, now: i64) -> Result<JoinToken, StoreError> {
-        let t = dispatch!(self, s => s.take_join_token(token))?.ok_or(StoreError::TokenNotFound)?;
+        if is_stored_token_form(token) {
+            return Err(StoreError::TokenInStoredForm);
+        }
+        let digest = token_digest(token);
+        let t = dispatch!(self, s => s.take_join_token(&digest))?.ok_or(StoreError::TokenNotFound)?;
         if t.expires_at <= now {
             return Err(StoreError::TokenExpired {
                 expires_at: t.expires_at,
             });
         }
-        Ok(t)
+        Ok(JoinToken {
+            token: token.to_owned(),
+            ..t
+        })
+    }
+
+    /// Whether `spiffe_id` is an agent's: an attested node, or the agent ID an unspent join token names.
+    pub async fn is_agent_id(&self, spiffe_id: &str) -> Result<bool, StoreError> {
+        dispatch!(self, s => s.is_agent_id(spiffe_id))
     }
 
     /// Deletes expired tokens; returns how many.
@@ -461,6 +512,35 @@ impl Store {
     pub async fn max_not_after_signed_by(&self, key_id: &str) -> Result<Option<i64>, StoreError> {
         dispatch!(self, s => s.max_not_after_signed_by(key_id))
     }
+}
+
+/// What a stored join token starts with: the name of its digest (spelled out in the backends' SQL too).
+pub const TOKEN_DIGEST_PREFIX: &str = "sha256:";
+
+/// How a join token is stored: `sha256:<hex>` of the token.
+pub fn token_digest(token: &str) -> String {
+    let d = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, token.as_bytes());
+    let hex: String = d.as_ref().iter().map(|b| format!("{b:02x}")).collect();
+    format!("{TOKEN_DIGEST_PREFIX}{hex}")
+}
+
+/// Whether a presented join token looks like a stored one (`sha256:…`, in any case). Generated tokens are hex, so
+/// no real token is refused by this.
+pub fn is_stored_token_form(token: &str) -> bool {
+    token
+        .get(..TOKEN_DIGEST_PREFIX.len())
+        .is_some_and(|p| p.eq_ignore_ascii_case(TOKEN_DIGEST_PREFIX))
+}
+
+/// A join token row an older version stored in clear, as it is stored now: the token's digest, and no agent ID
+/// when the stored one was derived from the token (`…/trustline/agent/join_token/<token>`: it would keep the
+/// token in clear; the CA derives it again from the token presented).
+fn hashed_row(token: &str, agent_spiffe_id: &str) -> (String, String) {
+    let derived = agent_spiffe_id
+        .strip_suffix(token)
+        .is_some_and(|rest| rest.ends_with("/trustline/agent/join_token/"));
+    let agent = if derived { "" } else { agent_spiffe_id };
+    (token_digest(token), agent.to_owned())
 }
 
 /// Selectors as a JSON array of `type:value` strings.

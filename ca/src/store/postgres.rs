@@ -63,6 +63,11 @@ const INSERT_TOKEN: &str =
 const TAKE_TOKEN: &str =
     "DELETE FROM join_tokens WHERE token = $1 RETURNING token, agent_spiffe_id, expires_at, created_at";
 const PRUNE_TOKENS: &str = "DELETE FROM join_tokens WHERE expires_at <= $1";
+const SELECT_CLEAR_TOKENS: &str =
+    "SELECT token, agent_spiffe_id FROM join_tokens WHERE substr(token, 1, 7) <> 'sha256:' FOR UPDATE";
+const HASH_TOKEN: &str = "UPDATE join_tokens SET token = $2, agent_spiffe_id = $3 WHERE token = $1";
+const IS_AGENT_ID: &str = "SELECT EXISTS (SELECT 1 FROM nodes WHERE spiffe_id = $1)
+    OR EXISTS (SELECT 1 FROM join_tokens WHERE agent_spiffe_id = $1)";
 const UPSERT_NODE: &str =
     "INSERT INTO nodes (spiffe_id, attestation_type, serial, expires_at, created_at, updated_at)
      VALUES ($1, $2, $3, $4, $5, $6)
@@ -267,7 +272,27 @@ impl PgStore {
             )
             .await?;
         }
+        Self::hash_clear_tokens(&tx).await?;
         tx.commit().await?;
+        Ok(())
+    }
+
+    /// Replaces every join token row stored in clear (by versions before digests) with its digest, under the
+    /// migration lock, so replicas starting together do it once. The old row versions remain in the table's
+    /// files until PostgreSQL vacuums them (autovacuum does).
+    async fn hash_clear_tokens(tx: &tokio_postgres::Transaction<'_>) -> Result<(), StoreError> {
+        let rows = tx.query(SELECT_CLEAR_TOKENS, &[]).await?;
+        for r in &rows {
+            let (token, agent): (String, String) = (r.try_get(0)?, r.try_get(1)?);
+            let (digest, agent) = hashed_row(&token, &agent);
+            tx.execute(HASH_TOKEN, &[&token, &digest, &agent]).await?;
+        }
+        if !rows.is_empty() {
+            tracing::info!(
+                count = rows.len(),
+                "join tokens stored in clear by an older version replaced by their digests"
+            );
+        }
         Ok(())
     }
 
@@ -466,6 +491,12 @@ impl PgStore {
             })
         })
         .transpose()
+    }
+
+    pub(super) async fn is_agent_id(&self, id: &str) -> Result<bool, StoreError> {
+        let mut c = self.conn().await?;
+        let st = c.stmt(IS_AGENT_ID).await?;
+        Ok(c.client.query_one(&st, &[&id]).await?.try_get(0)?)
     }
 
     pub(super) async fn prune_join_tokens(&self, now: i64) -> Result<u64, StoreError> {

@@ -2,6 +2,12 @@
 //! a power loss may lose the last few commits, never consistency). Operations take microseconds, so they run
 //! inline under a mutex. Every write transaction is `BEGIN IMMEDIATE`, so a second process on the same file waits
 //! (`busy_timeout`) instead of failing half-way.
+//!
+//! The file is the CA's alone: created 0600 (in a folder created 0700) before SQLite opens it, so its `-wal` and
+//! `-shm` files, which SQLite gives the database's mode, are 0600 too; a database, `-wal`, `-shm` or `-journal`
+//! file that group or others can access is refused before anything is read. `secure_delete` is on, so deleted
+//! rows (spent tokens, and the clear-text tokens of an older version once hashed) are overwritten, not left in
+//! free space.
 
 use std::path::Path;
 use std::sync::{Mutex, MutexGuard};
@@ -11,6 +17,7 @@ use rusqlite::{params, Connection, ErrorCode, OptionalExtension, Row, Transactio
 use trustline_identity::selector_set_key;
 
 use super::*;
+use crate::private_files;
 
 /// How long a write waits for another process holding the database lock.
 const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
@@ -135,14 +142,23 @@ impl SqliteStore {
             path: p.clone(),
             source,
         };
+        let io = |at: &Path| {
+            let at = at.display().to_string();
+            move |source| StoreError::Io { path: at, source }
+        };
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::create_dir_all(dir).map_err(|e| {
-                err(rusqlite::Error::SqliteFailure(
-                    rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_CANTOPEN),
-                    Some(format!("creating directory {}: {e}", dir.display())),
-                ))
-            })?;
+            private_files::create_dir_all(dir).map_err(io(dir))?;
         }
+        let files = private_files::sqlite_files(path);
+        for f in &files {
+            if let Some(mode) = private_files::loose_mode(f).map_err(io(f))? {
+                return Err(StoreError::FileMode {
+                    path: f.display().to_string(),
+                    mode,
+                });
+            }
+        }
+        private_files::create_file(path).map_err(io(path))?;
         let mut conn = Connection::open(path).map_err(err)?;
         conn.busy_timeout(BUSY_TIMEOUT).map_err(err)?;
         let mode: String = conn
@@ -153,19 +169,32 @@ impl SqliteStore {
         }
         conn.pragma_update(None, "synchronous", "NORMAL").map_err(err)?;
         conn.pragma_update(None, "foreign_keys", true).map_err(err)?;
+        conn.pragma_update(None, "secure_delete", true).map_err(err)?;
         conn.set_prepared_statement_cache_capacity(64);
         conn.set_transaction_behavior(TransactionBehavior::Immediate);
-        Self::migrate(&mut conn).map_err(|e| match e {
+        let hashed = Self::migrate(&mut conn).map_err(|e| match e {
             MigrateError::Sqlite(source) => err(source),
             MigrateError::Store(e) => e,
         })?;
+        if hashed > 0 {
+            // The clear-text rows are overwritten in the WAL; copy that into the main file now instead of at the
+            // next checkpoint, so the file stops holding them at once.
+            conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))
+                .map_err(err)?;
+        }
+        // SQLite gives its -wal and -shm files the database's mode; make sure of it whatever created them.
+        for f in &files[1..] {
+            private_files::tighten(f).map_err(io(f))?;
+        }
         Ok(Self {
             path: p,
             conn: Mutex::new(conn),
         })
     }
 
-    fn migrate(conn: &mut Connection) -> Result<(), MigrateError> {
+    /// Applies pending schema steps, then hashes join tokens an older version stored in clear (in the same
+    /// transaction); returns how many were hashed.
+    fn migrate(conn: &mut Connection) -> Result<usize, MigrateError> {
         let tx = conn.transaction()?;
         tx.execute_batch(
             "CREATE TABLE IF NOT EXISTS schema_migrations (version INTEGER PRIMARY KEY, applied_at INTEGER NOT NULL)",
@@ -186,8 +215,31 @@ impl SqliteStore {
                 [version],
             )?;
         }
+        let hashed = Self::hash_clear_tokens(&tx)?;
         tx.commit()?;
-        Ok(())
+        Ok(hashed)
+    }
+
+    /// Replaces every join token row stored in clear (by versions before digests) with its digest.
+    fn hash_clear_tokens(tx: &Transaction<'_>) -> rusqlite::Result<usize> {
+        let clear: Vec<(String, String)> = tx
+            .prepare("SELECT token, agent_spiffe_id FROM join_tokens WHERE substr(token, 1, 7) <> 'sha256:'")?
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
+            .collect::<rusqlite::Result<_>>()?;
+        for (token, agent) in &clear {
+            let (digest, agent) = hashed_row(token, agent);
+            tx.execute(
+                "UPDATE join_tokens SET token = ?2, agent_spiffe_id = ?3 WHERE token = ?1",
+                params![token, digest, agent],
+            )?;
+        }
+        if !clear.is_empty() {
+            tracing::info!(
+                count = clear.len(),
+                "join tokens stored in clear by an older version replaced by their digests"
+            );
+        }
+        Ok(clear.len())
     }
 
     fn err(&self, source: rusqlite::Error) -> StoreError {
@@ -395,6 +447,16 @@ impl SqliteStore {
                 })
                 .optional()
             })
+            .map_err(|e| self.err(e))
+    }
+
+    pub(super) fn is_agent_id(&self, id: &str) -> Result<bool, StoreError> {
+        self.conn()
+            .prepare_cached(
+                "SELECT EXISTS (SELECT 1 FROM nodes WHERE spiffe_id = ?1)
+                     OR EXISTS (SELECT 1 FROM join_tokens WHERE agent_spiffe_id = ?1)",
+            )
+            .and_then(|mut s| s.query_row([id], |r| r.get(0)))
             .map_err(|e| self.err(e))
     }
 

@@ -270,10 +270,22 @@ async fn join_tokens(s: &Store) {
         expires_at: 1000,
         created_at: 0,
     };
+    assert!(!s.is_agent_id(&t.agent_spiffe_id).await.unwrap());
     s.create_join_token(&t).await.unwrap();
     assert!(is_backend_error(&s.create_join_token(&t).await.unwrap_err()));
+    // The agent ID an unspent token names is an agent's.
+    assert!(s.is_agent_id(&t.agent_spiffe_id).await.unwrap());
+    assert!(!s.is_agent_id("spiffe://example.org/web").await.unwrap());
+    // What is stored is the digest, and the digest is not the token: presented, it is refused, in any case,
+    // and the token is not spent.
+    for stored in [token_digest("tok1"), token_digest("tok1").to_uppercase()] {
+        let err = s.consume_join_token(&stored, 999).await.unwrap_err();
+        assert!(matches!(err, StoreError::TokenInStoredForm), "{err:?}");
+        assert!(!err.to_string().contains(&stored[7..]), "{err}");
+    }
     // Used once, then gone.
     assert_eq!(s.consume_join_token("tok1", 999).await.unwrap(), t);
+    assert!(!s.is_agent_id(&t.agent_spiffe_id).await.unwrap());
     assert!(matches!(
         s.consume_join_token("tok1", 10).await,
         Err(StoreError::TokenNotFound)
@@ -323,7 +335,9 @@ async fn nodes(s: &Store) {
         created_at: 1,
         updated_at: 1,
     };
+    assert!(!s.is_agent_id(&n.spiffe_id).await.unwrap());
     s.upsert_node(&n).await.unwrap();
+    assert!(s.is_agent_id(&n.spiffe_id).await.unwrap());
     assert_eq!(s.get_node(&n.spiffe_id).await.unwrap().unwrap(), n);
     n.serial = "02".into();
     n.expires_at = 20;
@@ -696,8 +710,153 @@ async fn sqlite_reports_unopenable_path() {
     let file = dir.path().join("file");
     std::fs::write(&file, b"").unwrap();
     let err = Store::open(&sqlite(&file.join("ca.db"))).await.unwrap_err();
-    assert!(matches!(err, StoreError::Sqlite { .. }), "{err:?}");
+    assert!(
+        matches!(err, StoreError::Sqlite { .. } | StoreError::Io { .. }),
+        "{err:?}"
+    );
     assert!(err.to_string().contains("ca.db"), "{err}");
+}
+
+fn mode(p: &std::path::Path) -> u32 {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::metadata(p).unwrap().permissions().mode() & 0o777
+}
+
+fn chmod(p: &std::path::Path, mode: u32) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode)).unwrap();
+}
+
+/// The database, its -wal and -shm files and the folders made for them are private to the CA's user; a database
+/// file others can read is refused, named with its mode, and left as it was. (Before: the umask decided, 0644
+/// and 0755 under the usual 022, and any mode was accepted.)
+#[tokio::test]
+async fn sqlite_files_are_private() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("new/data/ca.db");
+    let s = Store::open(&sqlite(&path)).await.unwrap();
+    s.create_join_token(&JoinToken {
+        token: "t".into(),
+        agent_spiffe_id: String::new(),
+        expires_at: 10,
+        created_at: 0,
+    })
+    .await
+    .unwrap();
+    assert_eq!(mode(&dir.path().join("new")), 0o700);
+    assert_eq!(mode(&dir.path().join("new/data")), 0o700);
+    let [db, wal, shm, _] = crate::private_files::sqlite_files(&path);
+    for f in [&db, &wal, &shm] {
+        assert_eq!(mode(f), 0o600, "{}", f.display());
+    }
+    // A second store on the same (private) files opens.
+    drop(Store::open(&sqlite(&path)).await.unwrap());
+
+    for f in [&db, &wal, &shm] {
+        for loose in [0o644, 0o640, 0o604] {
+            chmod(f, loose);
+            let err = Store::open(&sqlite(&path)).await.unwrap_err();
+            assert!(
+                matches!(&err, StoreError::FileMode { path, mode } if *path == f.display().to_string() && *mode == loose),
+                "{err:?}"
+            );
+            let msg = err.to_string();
+            assert!(
+                msg.contains(&f.display().to_string()) && msg.contains(&format!("mode {loose:o}")),
+                "{msg}"
+            );
+            assert_eq!(mode(f), loose, "left as it was");
+        }
+        chmod(f, 0o600);
+    }
+    drop(s);
+    // A stricter mode is fine.
+    chmod(&db, 0o400);
+    chmod(&db, 0o600);
+    drop(Store::open(&sqlite(&path)).await.unwrap());
+}
+
+/// Rows an older version stored in clear: on open, each becomes its digest (and a derived agent ID, which holds
+/// the token, becomes empty), so an unspent one still works, once, by its clear value, and the file no longer
+/// holds it.
+async fn clear_tokens_migrated(
+    s: &Store,
+    read_raw: impl std::future::Future<Output = Vec<(String, String)>>,
+) {
+    let rows = read_raw.await;
+    assert_eq!(rows.len(), 3, "{rows:?}");
+    for (token, agent) in &rows {
+        assert!(token.starts_with("sha256:"), "{token}");
+        assert!(!agent.contains("clear"), "{agent}");
+    }
+    let named = s.consume_join_token("clear-named", 10).await.unwrap();
+    assert_eq!(named.agent_spiffe_id, "spiffe://example.org/node/old");
+    let derived = s.consume_join_token("clear-derived", 10).await.unwrap();
+    assert_eq!(derived.agent_spiffe_id, "", "derived again by the CA");
+    // Spent: once only. An expired one stays expired.
+    assert!(matches!(
+        s.consume_join_token("clear-named", 10).await,
+        Err(StoreError::TokenNotFound)
+    ));
+    assert!(matches!(
+        s.consume_join_token("clear-expired", 10).await,
+        Err(StoreError::TokenExpired { expires_at: 5 })
+    ));
+}
+
+const OLD_ROWS: [(&str, &str, i64); 3] = [
+    ("clear-named", "spiffe://example.org/node/old", 1000),
+    (
+        "clear-derived",
+        "spiffe://example.org/trustline/agent/join_token/clear-derived",
+        1000,
+    ),
+    ("clear-expired", "spiffe://example.org/trustline/agent/x", 5),
+];
+
+#[tokio::test]
+async fn sqlite_hashes_tokens_stored_in_clear() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("ca.db");
+    drop(Store::open(&sqlite(&path)).await.unwrap());
+    let raw = rusqlite::Connection::open(&path).unwrap();
+    for (token, agent, exp) in OLD_ROWS {
+        raw.execute(
+            "INSERT INTO join_tokens (token, agent_spiffe_id, expires_at, created_at) VALUES (?1, ?2, ?3, 0)",
+            rusqlite::params![token, agent, exp],
+        )
+        .unwrap();
+    }
+    drop(raw);
+    let s = Store::open(&sqlite(&path)).await.unwrap();
+    let files = crate::private_files::sqlite_files(&path);
+    for f in &files {
+        if let Ok(bytes) = std::fs::read(f) {
+            assert!(
+                !bytes
+                    .windows(11)
+                    .any(|w| w == b"clear-named" || w == b"clear-deriv"),
+                "{} still holds a token in clear",
+                f.display()
+            );
+        }
+    }
+    let read = async {
+        let raw = rusqlite::Connection::open(&path).unwrap();
+        let mut st = raw
+            .prepare("SELECT token, agent_spiffe_id FROM join_tokens")
+            .unwrap();
+        let rows = st
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+            .unwrap()
+            .collect::<Result<Vec<_>, _>>()
+            .unwrap();
+        rows
+    };
+    clear_tokens_migrated(&s, read).await;
+    // Opening again changes nothing more.
+    drop(s);
+    drop(Store::open(&sqlite(&path)).await.unwrap());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -854,6 +1013,49 @@ async fn postgres_replicas_on_one_database() {
             .get(0);
         assert_eq!(n, SCHEMA_VERSION);
         replicas(Arc::new(a), Arc::new(b)).await;
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn postgres_hashes_tokens_stored_in_clear() {
+    let Some(conninfo) = pg_conninfo() else {
+        return;
+    };
+    with_pg_schema(&conninfo, |config, admin, schema| async move {
+        drop(PgStore::open_config(config.clone(), None).await.unwrap());
+        for (token, agent, exp) in OLD_ROWS {
+            admin
+                .execute(
+                    &format!(
+                        "INSERT INTO {schema}.join_tokens (token, agent_spiffe_id, expires_at, created_at) \
+                         VALUES ($1, $2, $3, 0)"
+                    ),
+                    &[&token, &agent, &exp],
+                )
+                .await
+                .unwrap();
+        }
+        // Replicas starting together hash each row once.
+        let (a, b) = tokio::join!(
+            PgStore::open_config(config.clone(), None),
+            PgStore::open_config(config.clone(), None)
+        );
+        drop(b.unwrap());
+        let s = Store::Postgres(a.unwrap());
+        let read = async {
+            admin
+                .query(
+                    &format!("SELECT token, agent_spiffe_id FROM {schema}.join_tokens"),
+                    &[],
+                )
+                .await
+                .unwrap()
+                .iter()
+                .map(|r| (r.get(0), r.get(1)))
+                .collect()
+        };
+        clear_tokens_migrated(&s, read).await;
     })
     .await;
 }

@@ -224,7 +224,7 @@ impl Mesh {
             "token",
             "generate",
             "--spiffe-id",
-            &format!("{TD}/node/boring"),
+            &format!("{TD}/trustline/agent/boring"),
             "--output",
             "json",
         ]))
