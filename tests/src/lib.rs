@@ -148,19 +148,24 @@ fn blocking<T>(f: impl FnOnce() -> T) -> T {
 
 /// Sends SIGTERM and waits (up to [`PATIENCE`]) for the process to exit, then kills.
 pub fn terminate(child: &mut Child) {
+    let _ = terminate_status(child);
+}
+
+/// [`terminate`], returning the exit status when the process exited by itself (`None` when it had to be killed).
+pub fn terminate_status(child: &mut Child) -> Option<std::process::ExitStatus> {
     let _ = Command::new("kill")
         .arg("-TERM")
         .arg(child.id().to_string())
         .status();
     let deadline = Instant::now() + PATIENCE;
     blocking(|| loop {
-        if let Ok(Some(_)) = child.try_wait() {
-            return;
+        if let Ok(Some(s)) = child.try_wait() {
+            return Some(s);
         }
         if Instant::now() > deadline {
             let _ = child.kill();
             let _ = child.wait();
-            return;
+            return None;
         }
         std::thread::sleep(Duration::from_millis(20));
     })
@@ -433,23 +438,7 @@ impl Ca {
     /// Sends SIGTERM and waits (up to [`PATIENCE`]) for the CA to exit by itself; its exit status, or `None` when
     /// it had to be killed.
     pub fn stop_status(&mut self) -> Option<std::process::ExitStatus> {
-        let mut child = self.child.take()?;
-        let _ = Command::new("kill")
-            .arg("-TERM")
-            .arg(child.id().to_string())
-            .status();
-        let deadline = Instant::now() + PATIENCE;
-        blocking(|| loop {
-            if let Ok(Some(s)) = child.try_wait() {
-                return Some(s);
-            }
-            if Instant::now() > deadline {
-                let _ = child.kill();
-                let _ = child.wait();
-                return None;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        })
+        terminate_status(&mut self.child.take()?)
     }
 
     /// Whether the CA logged a line containing `needle` (waiting for it: see [`wait_logged`]).
