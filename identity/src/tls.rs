@@ -104,7 +104,8 @@ pub fn svid_leaf_id(der: &[u8]) -> Result<SpiffeId, SvidError> {
     if uris.len() != 1 {
         return Err(SvidError::UriSanCount(uris.len()));
     }
-    let id = SpiffeId::new(uris[0]).map_err(|e| SvidError::BadSpiffeId {
+    // Strictly, as for JWT-SVIDs: no silently lowercased trust domain.
+    let id = crate::spiffe_id::parse_spiffe_id("URI SAN", uris[0]).map_err(|e| SvidError::BadSpiffeId {
         uri: uris[0].to_owned(),
         reason: e.to_string(),
     })?;
@@ -882,6 +883,30 @@ mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used)]
 
     use super::*;
+
+    /// The leaf's ID is exactly its URI SAN: an upper-case trust domain is refused, never lowercased into another
+    /// ID (the `spiffe` crate's parser would; the jwt_claims fuzz target found that for JWT-SVIDs).
+    #[test]
+    fn an_upper_case_trust_domain_is_refused_not_lowercased() {
+        let leaf = |uri: &str| {
+            let key = rcgen::KeyPair::generate().unwrap();
+            let mut p = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+            p.subject_alt_names
+                .push(rcgen::SanType::URI(uri.try_into().unwrap()));
+            p.key_usages = vec![rcgen::KeyUsagePurpose::DigitalSignature];
+            p.self_signed(&key).unwrap().der().to_vec()
+        };
+        assert_eq!(
+            svid_leaf_id(&leaf("spiffe://example.org/web"))
+                .unwrap()
+                .to_string(),
+            "spiffe://example.org/web"
+        );
+        let e = svid_leaf_id(&leaf("spiffe://Example.org/web"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("lowercase"), "{e}");
+    }
     use rcgen::{
         BasicConstraints, CertificateParams, ExtendedKeyUsagePurpose, IsCa, KeyPair, KeyUsagePurpose, SanType,
     };
