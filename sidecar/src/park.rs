@@ -564,22 +564,16 @@ impl<T: Transport, F: Serve, K: Send + 'static> Lot<T, F, K> {
     /// connection is served again, in a task of its own, when its next bytes arrive. `keep` lives as long as
     /// the connection. On shutdown an active connection drains gracefully and a parked one is closed.
     pub async fn serve(&self, io: T, svc: F, keep: K) {
-        Shared::run(
-            self.shared.clone(),
-            Conn {
-                io,
-                svc,
-                _keep: keep,
-                http1: false,
-                retire: None,
-            },
-        )
-        .await;
+        self.run(io, svc, keep, None).await;
     }
 
     /// [`serve`](Self::serve), and drains the connection early when `retire` says so (a parked connection is
     /// not woken for it: its next request finds out).
     pub async fn serve_retiring(&self, io: T, svc: F, keep: K, retire: Arc<Retire>) {
+        self.run(io, svc, keep, Some(retire)).await;
+    }
+
+    async fn run(&self, io: T, svc: F, keep: K, retire: Option<Arc<Retire>>) {
         Shared::run(
             self.shared.clone(),
             Conn {
@@ -587,7 +581,7 @@ impl<T: Transport, F: Serve, K: Send + 'static> Lot<T, F, K> {
                 svc,
                 _keep: keep,
                 http1: false,
-                retire: Some(retire),
+                retire,
             },
         )
         .await;
